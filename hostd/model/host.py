@@ -1,0 +1,918 @@
+"""The host: one owner of all tag storage state, and the operations a VMM drives.
+
+Every public method is one operation that either completes, keeping every invariant, or raises
+a :class:`~hostd.model.errors.TagStoreError`. Argument errors are found before anything
+changes. Guest-protocol outcomes (virtio-mem) are returned as answers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hostd.model import invariants
+from hostd.model.errors import (
+    RESOURCE_DIMM_SLOTS,
+    RESOURCE_GUEST_ADDRESS_SPACE,
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TagStoreError,
+)
+from hostd.model.events import (
+    EVENT_DEVICE_ADDED,
+    EVENT_DEVICE_REMOVED,
+    EVENT_FAULT,
+    EVENT_VIRTIO_MEM_PLUGGED,
+    EVENT_VIRTIO_MEM_RESIZED,
+    EVENT_VIRTIO_MEM_UNPLUGGED,
+    EVENT_VM_CREATED,
+    EVENT_VM_DESTROYED,
+    Event,
+    Subscriber,
+)
+from hostd.model.physmem import (
+    KIND_TAGGABLE,
+    PAGE_STATE_OF_FLAG,
+    TG_DATA,
+    TG_FREE,
+    TG_TAGGED,
+    TS_FREE,
+    TS_RESERVED,
+    UT_FREE,
+    PhysicalMemory,
+    runs,
+)
+from hostd.model.topology import HostTopology, parse_topology
+from hostd.model.types import (
+    BOOT_RAM_GPA,
+    MAX_FAULT_BYTES,
+    MTE_GRANULE_BYTES,
+    Access,
+    FaultResult,
+    HostCounters,
+    HostExport,
+    HostStatus,
+    MappingRun,
+    MemoryDeviceKind,
+    MemoryDeviceStatus,
+    MigrationReason,
+    MiB,
+    PageExtent,
+    Placement,
+    RegionStatus,
+    ReservedTagBlock,
+    TagCopyDirection,
+    TagPolicy,
+    TiB,
+    VirtioMemAnswer,
+    VirtioMemConfig,
+    VirtioMemRequestType,
+    VirtioMemResponse,
+    VmConfig,
+    VmStatus,
+)
+from hostd.model.vm import BOOT_RAM_DEVICE_ID, MemoryDevice, Vm
+
+IndexArray = npt.NDArray[np.int64]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MAX_VMS = (1 << 16) - 1  # owner ids are uint16, 0 = no owner
+MAX_GUEST_MEMORY_BYTES = 4 * TiB
+MAX_DIMM_SLOTS = 256  # QEMU/ACPI limit
+MAX_TAG_COPY_BYTES = 32 * MiB  # 2 MiB of tags in one call
+VIRTIO_MEM_MIN_BLOCK_BYTES = MiB
+MAX_VIRTIO_MEM_NB_BLOCKS = 0xFFFF  # the request's nb_blocks is a le16
+
+
+@dataclass
+class HostState:
+    """What :meth:`Host.save_state` persists: flat arrays plus JSON-serialisable tables."""
+
+    arrays: dict[str, npt.NDArray[Any]]
+    tables: dict[str, Any]
+
+
+def _check_id(field: str, value: str) -> None:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidArgumentError(
+            field, value, "must be 1-63 characters of [A-Za-z0-9._-], starting alphanumeric"
+        )
+
+
+class Host:
+    """A modelled arm64 KVM host with dynamic (or static) MTE tag storage.
+
+    Not thread-safe: the daemon serialises calls.
+    """
+
+    def __init__(
+        self, topology: HostTopology, placement: Placement = Placement.TAG_BLOCK_AWARE
+    ) -> None:
+        self.topology = topology
+        self.counters = HostCounters()
+        self._subscribers: list[Subscriber] = []
+        self.mem = PhysicalMemory(topology, placement, self.counters, self._emit)
+        self.mem.on_remap = self._remap
+        self._vms: dict[str, Vm] = {}
+        self._by_slot: dict[int, Vm] = {}
+
+    @property
+    def page_size(self) -> int:
+        return self.topology.page_size_bytes
+
+    @property
+    def placement(self) -> Placement:
+        return self.mem.placement
+
+    # ----------------------------------------------------------------- events
+
+    def subscribe(self, fn: Subscriber) -> None:
+        """Call ``fn(event)`` after each state change (see :mod:`hostd.model.events`)."""
+        self._subscribers.append(fn)
+
+    def unsubscribe(self, fn: Subscriber) -> None:
+        if fn in self._subscribers:
+            self._subscribers.remove(fn)
+
+    def _emit(self, event: Event) -> None:
+        for fn in list(self._subscribers):
+            fn(event)
+
+    # ----------------------------------------------------------------- lookups
+
+    def _vm(self, vm_id: str) -> Vm:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            raise NotFoundError(f"no VM {vm_id!r}", reason="VM_NOT_FOUND", vm_id=vm_id)
+        return vm
+
+    def _device(self, vm: Vm, device_id: str) -> MemoryDevice:
+        dev = vm.devices.get(device_id)
+        if dev is None:
+            raise NotFoundError(
+                f"VM {vm.vm_id!r} has no memory device {device_id!r}",
+                reason="DEVICE_NOT_FOUND",
+                vm_id=vm.vm_id,
+                device_id=device_id,
+            )
+        return dev
+
+    def _virtio_mem(self, vm: Vm, device_id: str) -> MemoryDevice:
+        dev = self._device(vm, device_id)
+        if not dev.is_virtio_mem:
+            raise FailedPreconditionError(
+                f"memory device {device_id!r} is a {dev.kind.value}, not virtio-mem",
+                reason="NOT_VIRTIO_MEM",
+                vm_id=vm.vm_id,
+                device_id=device_id,
+            )
+        return dev
+
+    def _guest_range(self, vm: Vm, gpa: int, length_bytes: int, max_bytes: int) -> IndexArray:
+        """Stage-2 offsets of a page-aligned, plugged guest range (or an error, nothing done)."""
+        ps = self.page_size
+        if gpa < 0 or gpa % ps:
+            raise InvalidArgumentError("gpa", gpa, f"must be aligned to the page size ({ps:#x})")
+        if length_bytes <= 0:
+            raise InvalidArgumentError("length", length_bytes, "must not be zero")
+        if length_bytes % ps:
+            raise InvalidArgumentError(
+                "length", length_bytes, f"must be a multiple of the page size ({ps:#x})"
+            )
+        if length_bytes > max_bytes:
+            raise InvalidArgumentError("length", length_bytes, f"at most {max_bytes:#x} per call")
+        nr = length_bytes // ps
+        plugged = vm.plugged_mask(gpa, nr)
+        if not plugged.all():
+            bad = gpa + int(np.flatnonzero(~plugged)[0]) * ps
+            raise FailedPreconditionError(
+                f"gpa {bad:#x} of VM {vm.vm_id!r} is not plugged guest memory",
+                reason="GPA_NOT_PLUGGED",
+                vm_id=vm.vm_id,
+                gpa=bad,
+            )
+        first = vm.gfn_offset(gpa)
+        return np.arange(first, first + nr, dtype=np.int64)
+
+    # ----------------------------------------------------------------- mapping
+
+    def _map(self, vm: Vm, offs: IndexArray, pages: IndexArray, *, tagged: bool) -> None:
+        vm.stage2[offs] = (pages + 1).astype(np.uint32)
+        vm.mapped_pages += offs.size
+        if tagged:
+            vm.tagged_pages += offs.size
+
+    def _unmap(self, vm: Vm, offs: IndexArray) -> None:
+        """Drop the guest pages at ``offs``: host pages, tags and tag blocks are released."""
+        s2 = vm.stage2[offs]
+        mapped = s2 != 0
+        if not mapped.any():
+            return
+        pages = s2[mapped].astype(np.int64) - 1
+        vm.tagged_pages -= int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
+        vm.mapped_pages -= pages.size
+        vm.stage2[offs[mapped]] = 0
+        self.mem.free(pages)
+
+    def _remap(self, slot: int, offs: IndexArray, pages: IndexArray) -> None:
+        self._by_slot[slot].stage2[offs] = (pages + 1).astype(np.uint32)
+
+    def _prefault_tagged(self, vm: Vm, offs: IndexArray) -> int:
+        """EAGER: back guest pages with tagged memory now, so later faults cannot fail."""
+        pages, reserved, _ = self.mem.alloc_tagged(offs.size, vm.slot, offs)
+        self._map(vm, offs, pages, tagged=True)
+        return reserved
+
+    def _needs_prefault(self, vm: Vm) -> bool:
+        return vm.config.mte_enabled and vm.config.tag_policy is TagPolicy.EAGER
+
+    # ----------------------------------------------------------------- VMs
+
+    def create_vm(self, config: VmConfig) -> VmStatus:
+        """Create a VM; an EAGER MTE VM gets all of its boot RAM tagged up front."""
+        _check_id("vm_id", config.vm_id)
+        ps = self.page_size
+        for field, value in (
+            ("boot_memory_bytes", config.boot_memory_bytes),
+            ("max_memory_bytes", config.max_memory_bytes),
+        ):
+            if value < 0 or value % ps:
+                raise InvalidArgumentError(field, value, f"must be a multiple of {ps:#x}")
+            if value > MAX_GUEST_MEMORY_BYTES:
+                raise InvalidArgumentError(field, value, f"at most {MAX_GUEST_MEMORY_BYTES:#x}")
+        if config.boot_memory_bytes == 0:
+            raise InvalidArgumentError("boot_memory_bytes", 0, "must not be zero")
+        if config.max_memory_bytes and config.max_memory_bytes < config.boot_memory_bytes:
+            raise InvalidArgumentError(
+                "max_memory_bytes",
+                config.max_memory_bytes,
+                f"must be 0 or at least boot_memory_bytes ({config.boot_memory_bytes:#x})",
+            )
+        if not 0 <= config.dimm_slots <= MAX_DIMM_SLOTS:
+            raise InvalidArgumentError("dimm_slots", config.dimm_slots, f"0..{MAX_DIMM_SLOTS}")
+        if (
+            config.mte_enabled
+            and config.tag_policy is TagPolicy.ON_TAG_ACCESS
+            and not self.topology.mte_perm
+        ):
+            raise FailedPreconditionError(
+                "tag policy ON_TAG_ACCESS needs a host with FEAT_MTE_PERM (mte_perm)",
+                reason="POLICY_NOT_SUPPORTED",
+                tag_policy=config.tag_policy.value,
+            )
+        if config.vm_id in self._vms:
+            raise AlreadyExistsError(
+                f"VM {config.vm_id!r} exists", reason="VM_ALREADY_EXISTS", vm_id=config.vm_id
+            )
+        slot = next((s for s in range(1, MAX_VMS + 1) if s not in self._by_slot), None)
+        if slot is None:
+            raise ResourceExhaustedError("vm_slots", f"at most {MAX_VMS} VMs")
+        vm = Vm.create(slot, config, ps)
+        self.mem.mte_owner[slot] = config.mte_enabled
+        self._vms[config.vm_id] = vm
+        self._by_slot[slot] = vm
+        if self._needs_prefault(vm):
+            boot = vm.boot_ram
+            first = vm.gfn_offset(boot.gpa)
+            try:
+                self._prefault_tagged(vm, np.arange(first, first + boot.size_bytes // ps))
+            except TagStoreError:
+                self._forget_vm(vm)
+                raise
+        self._emit(Event(EVENT_VM_CREATED, vm_id=vm.vm_id))
+        return self._vm_status(vm)
+
+    def _forget_vm(self, vm: Vm) -> None:
+        del self._vms[vm.vm_id]
+        del self._by_slot[vm.slot]
+        self.mem.mte_owner[vm.slot] = False
+
+    def get_vm(self, vm_id: str) -> VmStatus:
+        return self._vm_status(self._vm(vm_id))
+
+    def list_vms(self) -> list[VmStatus]:
+        return [self._vm_status(vm) for vm in sorted(self._vms.values(), key=lambda v: v.vm_id)]
+
+    def destroy_vm(self, vm_id: str) -> None:
+        """Destroy a VM: every page, tag and tag block it held goes back to the host."""
+        vm = self._vm(vm_id)
+        self._unmap(vm, np.flatnonzero(vm.stage2).astype(np.int64))
+        self._forget_vm(vm)
+        self._emit(Event(EVENT_VM_DESTROYED, vm_id=vm_id))
+
+    def _vm_status(self, vm: Vm) -> VmStatus:
+        regions = [
+            self._device_status(vm, d) for d in sorted(vm.devices.values(), key=lambda d: d.gpa)
+        ]
+        ps = self.page_size
+        c = vm.config
+        return VmStatus(
+            vm_id=vm.vm_id,
+            mte_enabled=c.mte_enabled,
+            tag_policy=c.tag_policy,
+            boot_memory_bytes=c.boot_memory_bytes,
+            dimm_slots=c.dimm_slots,
+            max_memory_bytes=c.max_memory_bytes,
+            mapped_bytes=vm.mapped_pages * ps,
+            tagged_bytes=vm.tagged_pages * ps,
+            regions=tuple(regions),
+        )
+
+    def _device_status(self, vm: Vm, d: MemoryDevice) -> MemoryDeviceStatus:
+        first = vm.gfn_offset(d.gpa)
+        s2 = vm.stage2[first : first + d.size_bytes // self.page_size]
+        pages = s2[s2 != 0].astype(np.int64) - 1
+        tagged = int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
+        return vm.device_status(d, pages.size, tagged)
+
+    # ----------------------------------------------------------------- memory devices
+
+    def add_dimm(self, vm_id: str, device_id: str, size_bytes: int) -> MemoryDeviceStatus:
+        """Hot-add a DIMM (plugged as a whole); an EAGER MTE VM gets it tagged up front."""
+        vm = self._vm(vm_id)
+        _check_id("device_id", device_id)
+        ps = self.page_size
+        if size_bytes <= 0 or size_bytes % ps:
+            raise InvalidArgumentError(
+                "size_bytes", size_bytes, f"must be a non-zero multiple of {ps:#x}"
+            )
+        self._check_new_device(vm, device_id)
+        if vm.nr_dimms() >= vm.config.dimm_slots:
+            raise ResourceExhaustedError(
+                RESOURCE_DIMM_SLOTS,
+                f"VM {vm_id!r} has all {vm.config.dimm_slots} DIMM slots in use",
+                vm_id=vm_id,
+                dimm_slots=vm.config.dimm_slots,
+            )
+        gpa = self._place(vm, size_bytes, ps)
+        dev = MemoryDevice(device_id, MemoryDeviceKind.DIMM, gpa, size_bytes)
+        vm.devices[device_id] = dev
+        if self._needs_prefault(vm):
+            first = vm.gfn_offset(gpa)
+            try:
+                self._prefault_tagged(vm, np.arange(first, first + size_bytes // ps))
+            except TagStoreError:
+                del vm.devices[device_id]
+                raise
+        self.counters.add(self.counters.dimm_operations, "plug")
+        self._emit(Event(EVENT_DEVICE_ADDED, vm_id=vm_id, device_id=device_id))
+        return self._device_status(vm, dev)
+
+    def add_virtio_mem(
+        self, vm_id: str, device_id: str, config: VirtioMemConfig
+    ) -> MemoryDeviceStatus:
+        """Add a virtio-mem device with nothing plugged; the guest plugs blocks on request."""
+        vm = self._vm(vm_id)
+        _check_id("device_id", device_id)
+        bs = config.block_size_bytes
+        if bs < max(VIRTIO_MEM_MIN_BLOCK_BYTES, self.page_size) or bs & (bs - 1):
+            raise InvalidArgumentError(
+                "block_size", bs, "must be a power of two of at least 1 MiB and the page size"
+            )
+        if config.region_size_bytes <= 0 or config.region_size_bytes % bs:
+            raise InvalidArgumentError(
+                "region_size",
+                config.region_size_bytes,
+                f"must be a non-zero multiple of block_size ({bs:#x})",
+            )
+        self._check_requested(config.requested_size_bytes, bs, config.region_size_bytes)
+        self._check_new_device(vm, device_id)
+        gpa = self._place(vm, config.region_size_bytes, bs)
+        dev = MemoryDevice(
+            device_id,
+            MemoryDeviceKind.VIRTIO_MEM,
+            gpa,
+            config.region_size_bytes,
+            block_size_bytes=bs,
+            requested_size_bytes=config.requested_size_bytes,
+            plugged=np.zeros(config.region_size_bytes // bs, dtype=bool),
+        )
+        dev.resize_usable_region(config.requested_size_bytes, can_shrink=True)
+        vm.devices[device_id] = dev
+        self._emit(Event(EVENT_DEVICE_ADDED, vm_id=vm_id, device_id=device_id))
+        return self._device_status(vm, dev)
+
+    @staticmethod
+    def _check_requested(requested: int, block_size: int, region_size: int) -> None:
+        if requested < 0 or requested % block_size or requested > region_size:
+            raise InvalidArgumentError(
+                "requested_size",
+                requested,
+                f"must be a multiple of block_size ({block_size:#x}) "
+                f"no larger than region_size ({region_size:#x})",
+            )
+
+    def _check_new_device(self, vm: Vm, device_id: str) -> None:
+        if device_id in vm.devices:
+            raise AlreadyExistsError(
+                f"VM {vm.vm_id!r} already has a memory device {device_id!r}",
+                reason="DEVICE_ALREADY_EXISTS",
+                vm_id=vm.vm_id,
+                device_id=device_id,
+            )
+
+    def _place(self, vm: Vm, size_bytes: int, align_bytes: int) -> int:
+        gpa = vm.place_device(size_bytes, align_bytes)
+        if gpa is None:
+            raise ResourceExhaustedError(
+                RESOURCE_GUEST_ADDRESS_SPACE,
+                f"no room for {size_bytes:#x} bytes in VM {vm.vm_id!r}'s device memory "
+                f"(max_memory_bytes {vm.config.max_memory_bytes:#x})",
+                vm_id=vm.vm_id,
+                size_bytes=size_bytes,
+            )
+        return gpa
+
+    def remove_memory_device(self, vm_id: str, device_id: str) -> None:
+        """Remove a DIMM (its memory is released) or a virtio-mem device with nothing plugged."""
+        vm = self._vm(vm_id)
+        dev = self._device(vm, device_id)
+        if dev.kind is MemoryDeviceKind.BOOT_RAM:
+            raise FailedPreconditionError(
+                "boot RAM cannot be removed", reason="BOOT_RAM", vm_id=vm_id, device_id=device_id
+            )
+        if dev.is_virtio_mem and dev.plugged.any():
+            raise FailedPreconditionError(
+                f"virtio-mem device {device_id!r} still has {dev.plugged_bytes:#x} bytes plugged",
+                reason="DEVICE_HAS_PLUGGED_MEMORY",
+                vm_id=vm_id,
+                device_id=device_id,
+                plugged_bytes=dev.plugged_bytes,
+            )
+        first = vm.gfn_offset(dev.gpa)
+        self._unmap(vm, np.arange(first, first + dev.size_bytes // self.page_size))
+        del vm.devices[device_id]
+        if dev.kind is MemoryDeviceKind.DIMM:
+            self.counters.add(self.counters.dimm_operations, "unplug")
+        self._emit(Event(EVENT_DEVICE_REMOVED, vm_id=vm_id, device_id=device_id))
+
+    def resize_virtio_mem(
+        self, vm_id: str, device_id: str, requested_size_bytes: int
+    ) -> MemoryDeviceStatus:
+        """The operator changes ``requested_size``; the guest driver then plugs or unplugs."""
+        vm = self._vm(vm_id)
+        dev = self._virtio_mem(vm, device_id)
+        self._check_requested(requested_size_bytes, dev.block_size_bytes, dev.size_bytes)
+        dev.requested_size_bytes = requested_size_bytes
+        dev.resize_usable_region(requested_size_bytes, can_shrink=False)
+        self._emit(
+            Event(
+                EVENT_VIRTIO_MEM_RESIZED,
+                vm_id=vm_id,
+                device_id=device_id,
+                detail={"requested_size_bytes": str(requested_size_bytes)},
+            )
+        )
+        return self._device_status(vm, dev)
+
+    def virtio_mem_request(
+        self,
+        vm_id: str,
+        device_id: str,
+        kind: VirtioMemRequestType,
+        addr: int = 0,
+        nb_blocks: int = 0,
+    ) -> VirtioMemAnswer:
+        """Process a guest driver request; the outcome is an answer, never an exception."""
+        vm = self._vm(vm_id)
+        dev = self._virtio_mem(vm, device_id)
+        answer = self._process_virtio_mem(vm, dev, kind, addr, nb_blocks)
+        self.counters.add(self.counters.virtio_mem_requests, (kind.value, answer.response.value))
+        return answer
+
+    def _process_virtio_mem(
+        self, vm: Vm, dev: MemoryDevice, kind: VirtioMemRequestType, addr: int, nb_blocks: int
+    ) -> VirtioMemAnswer:
+        if kind is VirtioMemRequestType.UNPLUG_ALL:
+            self._unplug_blocks(vm, dev, np.flatnonzero(dev.plugged))
+            dev.resize_usable_region(dev.requested_size_bytes, can_shrink=True)
+            return VirtioMemAnswer(VirtioMemResponse.ACK)
+        if not 0 <= nb_blocks <= MAX_VIRTIO_MEM_NB_BLOCKS or addr < 0:
+            return VirtioMemAnswer(VirtioMemResponse.ERROR)
+        if kind is VirtioMemRequestType.STATE:
+            if not dev.valid_range(addr, nb_blocks):
+                return VirtioMemAnswer(VirtioMemResponse.ERROR)
+            return VirtioMemAnswer(VirtioMemResponse.ACK, dev.block_state(addr, nb_blocks))
+        refusal = dev.check_request(kind, addr, nb_blocks)
+        if refusal is not None:
+            return VirtioMemAnswer(refusal)
+        blocks = np.arange(dev.block_range(addr, nb_blocks).start, dev.block_range(addr, nb_blocks).stop)
+        if kind is VirtioMemRequestType.UNPLUG:
+            self._unplug_blocks(vm, dev, blocks)
+            return VirtioMemAnswer(VirtioMemResponse.ACK)
+        return VirtioMemAnswer(self._plug_blocks(vm, dev, blocks))
+
+    def _block_offsets(self, vm: Vm, dev: MemoryDevice, blocks: IndexArray) -> IndexArray:
+        per = dev.block_size_bytes // self.page_size
+        base = vm.gfn_offset(dev.gpa)
+        return (base + blocks[:, None] * per + np.arange(per)).ravel().astype(np.int64)
+
+    def _plug_blocks(self, vm: Vm, dev: MemoryDevice, blocks: IndexArray) -> VirtioMemResponse:
+        offs = self._block_offsets(vm, dev, blocks)
+        if self._needs_prefault(vm):
+            try:
+                self._prefault_tagged(vm, offs)
+            except ResourceExhaustedError:
+                return VirtioMemResponse.NACK
+        elif offs.size > self._backable_pages(vm):
+            # The host could not back these blocks with memory of the right kind.
+            return VirtioMemResponse.NACK
+        dev.plugged[blocks] = True
+        self._emit(
+            Event(EVENT_VIRTIO_MEM_PLUGGED, vm_id=vm.vm_id, device_id=dev.device_id, count=blocks.size)
+        )
+        return VirtioMemResponse.ACK
+
+    def _backable_pages(self, vm: Vm) -> int:
+        mem = self.mem
+        if vm.config.mte_enabled:
+            return mem.free_pages(TG_FREE)
+        return mem.free_pages(UT_FREE) + mem.free_pages(TG_FREE) + mem.free_pages(TS_FREE)
+
+    def _unplug_blocks(self, vm: Vm, dev: MemoryDevice, blocks: IndexArray) -> None:
+        if blocks.size == 0:
+            return
+        # Unplugged memory may be discarded by the device: pages and tags are gone.
+        self._unmap(vm, self._block_offsets(vm, dev, blocks))
+        dev.plugged[blocks] = False
+        self._emit(
+            Event(
+                EVENT_VIRTIO_MEM_UNPLUGGED, vm_id=vm.vm_id, device_id=dev.device_id, count=blocks.size
+            )
+        )
+
+    # ----------------------------------------------------------------- guest faults
+
+    def guest_fault(self, vm_id: str, gpa: int, length_bytes: int, access: Access) -> FaultResult:
+        """A stage-2 fault over ``[gpa, gpa + length_bytes)``: back and map what is not mapped,
+        and provide tag storage as the VM's tag policy says."""
+        t0 = time.perf_counter()
+        outcome = "error"
+        try:
+            vm = self._vm(vm_id)
+            offs = self._guest_range(vm, gpa, length_bytes, MAX_FAULT_BYTES)
+            if access is Access.TAG and not vm.config.mte_enabled:
+                raise FailedPreconditionError(
+                    f"VM {vm_id!r} does not have MTE enabled: no tag access",
+                    reason="VM_NOT_MTE",
+                    vm_id=vm_id,
+                )
+            result = self._fault(vm, offs, access)
+            outcome = "mapped" if result.newly_mapped_pages else "present"
+            return result
+        finally:
+            self.counters.add(self.counters.faults, (access.value, outcome))
+            self._emit(
+                Event(
+                    EVENT_FAULT,
+                    vm_id=vm_id,
+                    seconds=time.perf_counter() - t0,
+                    detail={"access": access.value, "outcome": outcome},
+                )
+            )
+
+    def _fault(self, vm: Vm, offs: IndexArray, access: Access) -> FaultResult:
+        s2 = vm.stage2[offs]
+        unmapped = offs[s2 == 0]
+        cfg = vm.config
+        if not cfg.mte_enabled or (cfg.tag_policy is TagPolicy.ON_TAG_ACCESS and access is not Access.TAG):
+            # Untagged memory; an MTE guest's stays on MTE-capable RAM (may be lent tag storage).
+            pages = self.mem.alloc_untagged(
+                unmapped.size, vm.slot, unmapped, mte_capable_only=cfg.mte_enabled
+            )
+            self._map(vm, unmapped, pages, tagged=False)
+            return FaultResult(newly_mapped_pages=unmapped.size)
+        reserved = migrated = replays = 0
+        to_move = np.empty(0, np.int64)
+        if cfg.tag_policy is TagPolicy.ON_TAG_ACCESS:
+            # First tag access to pages mapped untagged: tag them where they are, or move them.
+            mapped = s2 != 0
+            src = s2[mapped].astype(np.int64) - 1
+            src_offs = offs[mapped]
+            fl = self.mem.flags[src]
+            in_place = fl == TG_DATA
+            failed, nr_reserved = self.mem.make_tagged(src[in_place])
+            reserved += nr_reserved
+            vm.tagged_pages += int(in_place.sum()) - failed.size
+            must_move = (fl != TG_TAGGED) & ~in_place
+            self.counters.add(
+                self.counters.page_migrations, MigrationReason.TAG_ACCESS.value, int(must_move.sum())
+            )
+            must_move[in_place] = np.isin(src[in_place], failed)
+            if failed.size:
+                self.counters.add(
+                    self.counters.page_migrations, MigrationReason.RESERVE_FAILED.value, failed.size
+                )
+            to_move = src_offs[must_move]
+        n_new = unmapped.size
+        want = np.concatenate([unmapped, to_move])
+        pages, nr_reserved, nr_replays = self.mem.alloc_tagged(want.size, vm.slot, want)
+        reserved += nr_reserved
+        replays += nr_replays
+        if to_move.size:
+            old = vm.stage2[to_move].astype(np.int64) - 1
+            moved_to = pages[n_new:]
+            # Restore tags on the destination before the source is given up.
+            self.mem.tags.move(old, moved_to)
+            vm.stage2[to_move] = (moved_to + 1).astype(np.uint32)
+            vm.tagged_pages += to_move.size
+            self.mem.free(old)
+            migrated += to_move.size
+            replays += to_move.size
+            self.counters.fault_replays += to_move.size
+        self._map(vm, unmapped, pages[:n_new], tagged=True)
+        return FaultResult(
+            newly_mapped_pages=n_new,
+            tag_blocks_reserved=reserved,
+            pages_migrated=migrated + nr_replays,
+            replays=replays,
+        )
+
+    # ----------------------------------------------------------------- tags
+
+    def copy_tags(
+        self,
+        vm_id: str,
+        gpa: int,
+        length_bytes: int,
+        direction: TagCopyDirection,
+        tags: bytes = b"",
+    ) -> bytes:
+        """``KVM_ARM_MTE_COPY_TAGS``: ``length/16`` tags, one per byte, to or from the guest.
+
+        Pages not mapped yet are faulted in first, as the ioctl does; for an MTE guest that is
+        a tag access, so every page of the range ends up tagged.
+        """
+        vm = self._vm(vm_id)
+        offs = self._guest_range(vm, gpa, length_bytes, MAX_TAG_COPY_BYTES)
+        if not vm.config.mte_enabled:
+            raise FailedPreconditionError(
+                f"VM {vm_id!r} does not have MTE enabled: it has no tags",
+                reason="VM_NOT_MTE",
+                vm_id=vm_id,
+            )
+        nr_tags = length_bytes // MTE_GRANULE_BYTES
+        arr = np.empty(0, np.uint8)
+        if direction is TagCopyDirection.TO_GUEST:
+            if len(tags) != nr_tags:
+                raise InvalidArgumentError(
+                    "tags", f"{len(tags)} bytes", f"expected length/16 = {nr_tags} bytes"
+                )
+            arr = np.frombuffer(tags, dtype=np.uint8)
+            if arr.size and int(arr.max()) > 0xF:
+                bad = int(np.flatnonzero(arr > 0xF)[0])
+                raise InvalidArgumentError(
+                    "tags", f"tags[{bad}]={arr[bad]:#x}", "an MTE tag is 4 bits (0..15)"
+                )
+        self._fault(vm, offs, Access.TAG)
+        pages = vm.stage2[offs].astype(np.int64) - 1
+        self.counters.add(self.counters.tags_copied_bytes, direction.value, nr_tags)
+        if direction is TagCopyDirection.TO_GUEST:
+            self.mem.tags.write(pages, arr.reshape(offs.size, -1))
+            return b""
+        return self.mem.tags.read(pages).tobytes()
+
+    # ----------------------------------------------------------------- views
+
+    def status(self) -> HostStatus:
+        """Host-wide and per-region memory by state, tag blocks and capacity."""
+        mem = self.mem
+        ps = self.page_size
+        regions: list[RegionStatus] = []
+        for reg in mem.regions:
+            regions.append(
+                RegionStatus(
+                    index=len(regions),
+                    name=reg.name,
+                    memory_base=reg.data.base_pfn * ps,
+                    memory_size_bytes=reg.data.nr_pages * ps,
+                    tag_base=reg.tag.base_pfn * ps,
+                    tag_size_bytes=reg.tag.nr_pages * ps,
+                    block_size_bytes=reg.block_pages * ps,
+                    usage=mem.usage([reg.data, reg.tag]),
+                    tag_blocks_total=reg.nr_blocks,
+                    tag_blocks_reserved=reg.nr_reserved,
+                    tag_blocks_min_needed=mem.min_blocks_needed(reg),
+                    tagged_capacity_bytes=int(mem.seg_counts[reg.data.index, TG_FREE]) * ps,
+                )
+            )
+        for seg in mem.segments:
+            if seg.kind == KIND_TAGGABLE or seg.region >= 0:
+                continue
+            regions.append(
+                RegionStatus(
+                    index=len(regions),
+                    name=seg.name,
+                    memory_base=seg.base_pfn * ps,
+                    memory_size_bytes=seg.nr_pages * ps,
+                    tag_base=0,
+                    tag_size_bytes=0,
+                    block_size_bytes=0,
+                    usage=mem.usage([seg]),
+                    tag_blocks_total=0,
+                    tag_blocks_reserved=0,
+                    tag_blocks_min_needed=0,
+                    tagged_capacity_bytes=0,
+                )
+            )
+        return HostStatus(
+            page_size_bytes=ps,
+            mte_perm=self.topology.mte_perm,
+            tag_storage_mode=self.topology.tag_storage_mode,
+            placement=mem.placement,
+            usage=mem.usage(),
+            regions=tuple(regions),
+            vm_count=len(self._vms),
+        )
+
+    def check_invariants(self) -> list[str]:
+        """Every violated invariant, as a sentence; empty when the state is sound."""
+        return invariants.check(self)
+
+    @property
+    def vms(self) -> dict[str, Vm]:
+        """The VMs by id (read-only use: invariants, export, persistence)."""
+        return self._vms
+
+    def export_state(self) -> HostExport:
+        """Every host page extent, reserved tag block and VM mapping run."""
+        mem = self.mem
+        n = mem.nr_pages
+        gfn = np.full(n, -1, dtype=np.int64)
+        mapping_runs: list[MappingRun] = []
+        for vm in sorted(self._vms.values(), key=lambda v: v.vm_id):
+            offs = np.flatnonzero(vm.stage2).astype(np.int64)
+            pages = vm.stage2[offs].astype(np.int64) - 1
+            gfns = vm.gfn_of_offset(offs)
+            gfn[pages] = gfns
+            tagged = mem.flags[pages] == TG_TAGGED
+            brk = np.flatnonzero(
+                (np.diff(offs) != 1) | (np.diff(pages) != 1) | (tagged[1:] != tagged[:-1])
+            ) + 1
+            starts = np.concatenate(([0], brk)) if offs.size else brk
+            ends = np.concatenate((brk, [offs.size])) if offs.size else brk
+            pfns = mem.pfn_of(pages[starts]) if starts.size else starts
+            for s, e, pfn in zip(starts.tolist(), ends.tolist(), pfns.tolist()):
+                mapping_runs.append(MappingRun(vm.vm_id, int(gfns[s]), pfn, e - s, bool(tagged[s])))
+        state = mem.flags
+        owner = mem.owner
+        idx = np.arange(1, n)
+        brk = np.flatnonzero(
+            (state[1:] != state[:-1])
+            | (owner[1:] != owner[:-1])
+            | ((gfn[1:] != gfn[:-1] + 1) & (gfn[1:] >= 0))
+            | np.isin(idx, [s.start for s in mem.segments])
+        ) + 1
+        starts = np.concatenate(([0], brk))
+        ends = np.concatenate((brk, [n]))
+        pfns = mem.pfn_of(starts)
+        names = {vm.slot: vm.vm_id for vm in self._vms.values()}
+        extents = tuple(
+            PageExtent(
+                pfn_start=pfn,
+                count=e - s,
+                state=PAGE_STATE_OF_FLAG[int(state[s])],
+                vm_id=names.get(int(owner[s]), ""),
+                gfn_start=max(int(gfn[s]), 0),
+            )
+            for s, e, pfn in zip(starts.tolist(), ends.tolist(), pfns.tolist())
+        )
+        blocks: list[ReservedTagBlock] = []
+        for reg in mem.regions:
+            first_pages = reg.tag_pages(np.arange(reg.nr_blocks))[:, 0]
+            reserved = np.flatnonzero(mem.flags[first_pages] == TS_RESERVED)
+            tag_pfns = mem.pfn_of(first_pages[reserved]) if reserved.size else reserved
+            blocks.extend(
+                ReservedTagBlock(reg.name, pfn, reg.block_pages, int(reg.refcount[b]))
+                for b, pfn in zip(reserved.tolist(), tag_pfns.tolist())
+            )
+        return HostExport(extents, tuple(blocks), tuple(mapping_runs))
+
+    # ----------------------------------------------------------------- persistence
+
+    def save_state(self) -> HostState:
+        """The minimal state: page flags, owners, tag reverse map, tags, VM maps and tables.
+
+        Everything else (per-block counts, totals, VM accounting) is derived on restore.
+        """
+        mem = self.mem
+        tag_pages, tag_rows = mem.tags.state()
+        arrays: dict[str, npt.NDArray[Any]] = {
+            "flags": mem.flags.copy(),
+            "owner": mem.owner.copy(),
+            "ts_gfn": mem.ts_gfn.copy(),
+            "tags_pages": tag_pages,
+            "tags_rows": tag_rows,
+        }
+        vms: list[dict[str, Any]] = []
+        for vm in self._vms.values():
+            arrays[f"vm{vm.slot}_stage2"] = vm.stage2.copy()
+            devices = []
+            for i, d in enumerate(vm.devices.values()):
+                if d.is_virtio_mem:
+                    arrays[f"vm{vm.slot}_dev{i}_plugged"] = d.plugged.copy()
+                devices.append(
+                    {
+                        "index": i,
+                        "device_id": d.device_id,
+                        "kind": d.kind.value,
+                        "gpa": d.gpa,
+                        "size_bytes": d.size_bytes,
+                        "block_size_bytes": d.block_size_bytes,
+                        "requested_size_bytes": d.requested_size_bytes,
+                        "usable_region_size_bytes": d.usable_region_size_bytes,
+                    }
+                )
+            config = asdict(vm.config)
+            config["tag_policy"] = vm.config.tag_policy.value
+            vms.append({"slot": vm.slot, "config": config, "devices": devices})
+        c = self.counters
+        tables = {
+            "topology": topology_to_doc(self.topology),
+            "placement": mem.placement.value,
+            "vms": vms,
+            "counters": {
+                name: [[*(k if isinstance(k, tuple) else (k,)), v] for k, v in table.items()]
+                if isinstance(table, dict)
+                else table
+                for name, table in vars(c).items()
+            },
+        }
+        return HostState(arrays, tables)
+
+    @classmethod
+    def restore(cls, state: HostState) -> Host:
+        """Rebuild a host from :meth:`save_state` output, re-deriving every count."""
+        t = state.tables
+        host = cls(parse_topology(t["topology"]), Placement(t["placement"]))
+        mem = host.mem
+        a = state.arrays
+        mem.flags[:] = a["flags"]
+        mem.owner[:] = a["owner"]
+        mem.ts_gfn[:] = a["ts_gfn"]
+        mem.tags.restore(a["tags_pages"], a["tags_rows"])
+        mem.rebuild_derived()
+        for entry in t["vms"]:
+            cfg = dict(entry["config"])
+            cfg["tag_policy"] = TagPolicy(cfg["tag_policy"])
+            vm = Vm.create(entry["slot"], VmConfig(**cfg), host.page_size)
+            vm.devices.clear()
+            for d in entry["devices"]:
+                dev = MemoryDevice(
+                    d["device_id"],
+                    MemoryDeviceKind(d["kind"]),
+                    d["gpa"],
+                    d["size_bytes"],
+                    d["block_size_bytes"],
+                    d["requested_size_bytes"],
+                    d["usable_region_size_bytes"],
+                )
+                if dev.is_virtio_mem:
+                    dev.plugged = a[f"vm{vm.slot}_dev{d['index']}_plugged"].astype(bool)
+                vm.devices[dev.device_id] = dev
+            vm.stage2[:] = a[f"vm{vm.slot}_stage2"]
+            pages = vm.stage2[vm.stage2 != 0].astype(np.int64) - 1
+            vm.mapped_pages = pages.size
+            vm.tagged_pages = int(np.count_nonzero(mem.flags[pages] == TG_TAGGED))
+            host._vms[vm.vm_id] = vm
+            host._by_slot[vm.slot] = vm
+            mem.mte_owner[vm.slot] = vm.config.mte_enabled
+        c = host.counters
+        for name, value in t["counters"].items():
+            if isinstance(value, list):
+                table = getattr(c, name)
+                for *key, v in value:
+                    table[tuple(key) if len(key) > 1 else key[0]] = v
+            else:
+                setattr(c, name, value)
+        return host
+
+
+def topology_to_doc(topology: HostTopology) -> dict[str, Any]:
+    """The TOML-shaped document of a topology (``parse_topology`` reads it back)."""
+    return {
+        "page_size": topology.page_size_bytes,
+        "mte_perm": topology.mte_perm,
+        "tag_storage": topology.tag_storage_mode.value.lower(),
+        "tag_region": [
+            {
+                "memory_base": r.memory_base,
+                "memory_size": r.memory_size_bytes,
+                "tag_base": r.tag_base,
+                "tag_size": r.tag_size_bytes,
+                "block_size": r.block_size_bytes,
+            }
+            for r in topology.tag_regions
+        ],
+        "untagged_range": [{"base": u.base, "size": u.size_bytes} for u in topology.untagged_ranges],
+    }
+
+

@@ -1,0 +1,163 @@
+"""The invariants of a host's state, checked from scratch (O(host pages)).
+
+:func:`check` recomputes every derived count from the page flags and the VMs' stage-2 maps
+and compares; it returns one sentence per violation and an empty list when the state is sound.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hostd.model.physmem import (
+    KIND_TAG_STORAGE,
+    NR_FLAGS,
+    TG_FREE,
+    TG_TAGGED,
+    TS_FREE,
+    TS_LENT,
+    TS_RESERVED,
+    USE_DATA,
+    USE_TAGGED,
+    VALID_FLAGS,
+)
+from hostd.model.types import TagPolicy
+
+if TYPE_CHECKING:
+    from hostd.model.host import Host
+
+# Cap on how many offending pages one sentence names.
+_EXAMPLES = 3
+
+
+def _examples(idx: np.ndarray) -> str:
+    shown = ", ".join(str(int(i)) for i in idx[:_EXAMPLES])
+    return f"{idx.size} page(s), e.g. index {shown}"
+
+
+def check(host: Host) -> list[str]:
+    """Every violated invariant of ``host``, as a sentence."""
+    mem = host.mem
+    out: list[str] = []
+    flags = mem.flags
+    owner = mem.owner
+
+    # Pages: each holds a value its range allows; per-state totals add up.
+    for seg in mem.segments:
+        f = flags[seg.start : seg.end]
+        bad = ~np.isin(f, VALID_FLAGS[seg.kind])
+        if bad.any():
+            out.append(f"{seg.name}: flags invalid for its kind: {_examples(np.flatnonzero(bad) + seg.start)}")
+        counts = np.bincount(f, minlength=NR_FLAGS)
+        if not np.array_equal(counts, mem.seg_counts[seg.index]):
+            out.append(f"{seg.name}: per-state page totals drifted from the page flags")
+        first_free = np.flatnonzero(f == seg.free_flag)
+        if first_free.size and first_free[0] < seg.hint:
+            out.append(f"{seg.name}: free-page hint {seg.hint} skips free page {int(first_free[0])}")
+    if int(mem.seg_counts.sum()) != mem.nr_pages:
+        out.append("per-state page totals do not add up to the host size")
+
+    # Owners: data and tagged pages have a live owner, free and reserved pages none.
+    use = flags & 3
+    owned = (use == USE_DATA) | (use == USE_TAGGED)
+    live = np.zeros(1 << 16, dtype=bool)
+    for vm in host.vms.values():
+        live[vm.slot] = True
+    if (owner[~owned] != 0).any():
+        out.append(f"free or reserved pages with an owner: {_examples(np.flatnonzero(~owned & (owner != 0)))}")
+    orphan = owned & ~live[owner]
+    if orphan.any():
+        out.append(f"data pages without a live owner VM: {_examples(np.flatnonzero(orphan))}")
+
+    # Tag regions: refcounts, reservation, lent and free counts.
+    for reg in mem.regions:
+        d = flags[reg.data.start : reg.data.end].reshape(reg.nr_blocks, reg.span_pages)
+        t = flags[reg.tag.start : reg.tag.end].reshape(reg.nr_blocks, reg.block_pages)
+        tagged = (d == TG_TAGGED).sum(axis=1)
+        if not np.array_equal(tagged, reg.refcount):
+            bad = np.flatnonzero(tagged != reg.refcount)
+            out.append(f"{reg.name}: refcount differs from tagged pages in blocks {bad[:_EXAMPLES].tolist()}")
+        reserved = (t == TS_RESERVED).all(axis=1)
+        partly = (t == TS_RESERVED).any(axis=1) & ~reserved
+        if partly.any():
+            out.append(f"{reg.name}: blocks partly reserved: {np.flatnonzero(partly)[:_EXAMPLES].tolist()}")
+        unreserved_tagged = (tagged > 0) & ~reserved
+        if unreserved_tagged.any():
+            out.append(
+                f"{reg.name}: tagged pages whose tag block is not reserved, blocks "
+                f"{np.flatnonzero(unreserved_tagged)[:_EXAMPLES].tolist()}"
+            )
+        if mem.static:
+            if not reserved.all():
+                out.append(f"{reg.name}: static carve-out with unreserved tag blocks")
+        elif (reserved & (tagged == 0)).any():
+            out.append(
+                f"{reg.name}: reserved blocks describing no tagged page: "
+                f"{np.flatnonzero(reserved & (tagged == 0))[:_EXAMPLES].tolist()}"
+            )
+        if int(reserved.sum()) != reg.nr_reserved:
+            out.append(f"{reg.name}: reserved block count {reg.nr_reserved} != {int(reserved.sum())}")
+        if not np.array_equal((t == TS_LENT).sum(axis=1), reg.lent):
+            out.append(f"{reg.name}: lent page counts drifted")
+        span_free = (d == TG_FREE).sum(axis=1)
+        if not np.array_equal(span_free, reg.span_free):
+            out.append(f"{reg.name}: free page counts per block drifted")
+        partial = (tagged > 0) & (span_free > 0)
+        if int(partial.sum()) != reg.nr_partial:
+            out.append(f"{reg.name}: partial block count {reg.nr_partial} != {int(partial.sum())}")
+        if partial.any() and np.flatnonzero(partial)[0] < reg.partial_hint:
+            out.append(f"{reg.name}: partial-block hint skips a partial block")
+        if (span_free > 0).any() and np.flatnonzero(span_free > 0)[0] < reg.free_hint:
+            out.append(f"{reg.name}: free-block hint skips a block with free pages")
+        if mem.static and (t == TS_FREE).any():
+            out.append(f"{reg.name}: static carve-out with free tag storage")
+
+    # Stage-2 maps: one owner per page, both directions agree, mapped means plugged.
+    seen = np.zeros(mem.nr_pages, dtype=np.uint8)
+    for vm in host.vms.values():
+        offs = np.flatnonzero(vm.stage2)
+        pages = vm.stage2[offs].astype(np.int64) - 1
+        if pages.size and (pages.max() >= mem.nr_pages):
+            out.append(f"VM {vm.vm_id}: stage-2 map points past the end of host memory")
+            continue
+        np.add.at(seen, pages, 1)
+        wrong_owner = owner[pages] != vm.slot
+        if wrong_owner.any():
+            out.append(f"VM {vm.vm_id}: mapped pages owned by someone else: {_examples(pages[wrong_owner])}")
+        if int(np.count_nonzero(owner == vm.slot)) != pages.size:
+            out.append(f"VM {vm.vm_id}: owns {int(np.count_nonzero(owner == vm.slot))} pages but maps {pages.size}")
+        plugged = np.zeros(vm.stage2.size, dtype=bool)
+        plugged[vm.plugged_offsets()] = True
+        if not plugged[offs].all():
+            out.append(f"VM {vm.vm_id}: {int((~plugged[offs]).sum())} mapped page(s) outside plugged memory")
+        nr_tagged = int(np.count_nonzero(flags[pages] == TG_TAGGED))
+        if vm.mapped_pages != pages.size or vm.tagged_pages != nr_tagged:
+            out.append(
+                f"VM {vm.vm_id}: accounting says {vm.mapped_pages} mapped / {vm.tagged_pages} "
+                f"tagged, pages say {pages.size} / {nr_tagged}"
+            )
+        if not vm.config.mte_enabled and nr_tagged:
+            out.append(f"VM {vm.vm_id}: non-MTE VM holds {nr_tagged} tagged pages")
+        if vm.config.mte_enabled:
+            kinds = flags[pages] >> 2
+            if (kinds == 0).any():
+                out.append(f"VM {vm.vm_id}: MTE guest memory on untaggable RAM")
+        if vm.config.mte_enabled and vm.config.tag_policy is TagPolicy.EAGER:
+            if nr_tagged != int(plugged.sum()):
+                out.append(f"VM {vm.vm_id}: EAGER VM with plugged memory not backed tagged")
+        ts = (flags[pages] >> 2) == KIND_TAG_STORAGE
+        if ts.any():
+            back = mem.ts_gfn[mem._ts_slot(pages[ts])]
+            if not np.array_equal(back.astype(np.int64), offs[ts]):
+                out.append(f"VM {vm.vm_id}: tag storage reverse map disagrees with the stage-2 map")
+    if (seen > 1).any():
+        out.append(f"pages mapped more than once: {_examples(np.flatnonzero(seen > 1))}")
+    if (owned & (seen == 0)).any():
+        out.append(f"owned pages that no VM maps: {_examples(np.flatnonzero(owned & (seen == 0)))}")
+
+    # Tags live only on tagged pages.
+    tag_pages = mem.tags.pages
+    if tag_pages.size and (flags[tag_pages] != TG_TAGGED).any():
+        out.append(f"tags stored for untagged pages: {_examples(tag_pages[flags[tag_pages] != TG_TAGGED])}")
+    return out

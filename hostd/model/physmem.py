@@ -1,0 +1,807 @@
+"""Host physical memory: page flags, tag regions and tag blocks (the CMA-sized core).
+
+State is a few flat arrays over a dense *page index* (the host pages of every range, in
+physical order, with no holes): one flags byte and one owner per page, and a reverse map only
+for tag storage pages (the only pages that are ever evacuated by owner). Everything else —
+per-block refcounts, lent and free counts, per-segment totals — is derived, maintained in one
+place (:meth:`PhysicalMemory._set_flags`) and recomputed on restore.
+
+A flags byte is ``kind << 2 | use``. ``kind`` never changes (it is the range the page lives
+in); ``use`` is free / data / tagged / reserved. Lent tag storage is tag-storage kind + data use.
+
+Allocation API (all vectorised, no loop per page):
+
+* :meth:`alloc_untagged` — movable data; outside tag storage first, then lends tag storage.
+* :meth:`alloc_tagged` — taggable pages whose tag blocks get reserved (evacuating lent data).
+* :meth:`make_tagged` — turn mapped untagged pages tagged in place where their blocks allow.
+* :meth:`free` — release pages, their tags and the tag blocks they held.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from hostd.model.errors import (
+    RESOURCE_MEMORY,
+    RESOURCE_TAG_STORAGE,
+    RESOURCE_TAGGABLE_MEMORY,
+    ResourceExhaustedError,
+)
+from hostd.model.events import (
+    EVENT_EVACUATION,
+    EVENT_TAG_BLOCKS_RELEASED,
+    EVENT_TAG_BLOCKS_RESERVED,
+    EVENT_TAG_RESERVE_FAILED,
+    Event,
+)
+from hostd.model.tags import TagContents
+from hostd.model.topology import HostTopology
+from hostd.model.types import (
+    DCACHE_INVALIDATE,
+    TAG_CACHE_INVALIDATE,
+    TAG_STORAGE_RATIO,
+    HostCounters,
+    MemoryUsage,
+    MigrationReason,
+    PageState,
+    Placement,
+    TagStorageMode,
+)
+
+IndexArray = npt.NDArray[np.int64]
+
+KIND_UNTAGGABLE, KIND_TAGGABLE, KIND_TAG_STORAGE = 0, 1, 2
+USE_FREE, USE_DATA, USE_TAGGED, USE_RESERVED = 0, 1, 2, 3
+UT_FREE, UT_DATA = 0, 1
+TG_FREE, TG_DATA, TG_TAGGED = 4, 5, 6
+TS_FREE, TS_LENT, TS_RESERVED = 8, 9, 11
+NR_FLAGS = 16
+# Flag values each kind of range may hold.
+VALID_FLAGS = {
+    KIND_UNTAGGABLE: (UT_FREE, UT_DATA),
+    KIND_TAGGABLE: (TG_FREE, TG_DATA, TG_TAGGED),
+    KIND_TAG_STORAGE: (TS_FREE, TS_LENT, TS_RESERVED),
+}
+# Exported page state of each flag value.
+PAGE_STATE_OF_FLAG = {
+    UT_FREE: PageState.FREE,
+    UT_DATA: PageState.DATA,
+    TG_FREE: PageState.FREE,
+    TG_DATA: PageState.DATA,
+    TG_TAGGED: PageState.TAGGED,
+    TS_FREE: PageState.TAG_FREE,
+    TS_LENT: PageState.TAG_LENT,
+    TS_RESERVED: PageState.TAG_RESERVED,
+}
+# Reserving a tag block is retried this many times with other pages (v2/v3: 3 tries).
+RESERVE_TRIES = 3
+# Smallest window a free-page scan looks at; scans grow geometrically from a hint.
+SCAN_WINDOW_MIN = 1 << 14
+NO_OWNER = 0
+
+
+@dataclass(eq=False)
+class Segment:
+    """A physically contiguous range of one kind, mapped to dense page indices."""
+
+    index: int
+    kind: int
+    name: str
+    base_pfn: int
+    start: int  # first dense page index
+    nr_pages: int
+    region: int = -1  # tag region index for taggable / tag storage segments
+    ts_offset: int = 0  # tag storage segments: offset into the tag reverse map
+    hint: int = 0  # no free page below start + hint
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nr_pages
+
+    @property
+    def free_flag(self) -> int:
+        return self.kind << 2
+
+
+@dataclass(eq=False)
+class TagRegion:
+    """A tagged data segment and the tag storage segment that describes it."""
+
+    index: int
+    name: str
+    data: Segment
+    tag: Segment
+    block_pages: int
+    span_pages: int  # data pages described by one tag block: 32 * block_pages
+    nr_blocks: int
+    refcount: npt.NDArray[np.int32] = field(repr=False)  # tagged pages in the block's span
+    lent: npt.NDArray[np.int32] = field(repr=False)  # lent tag pages in the block
+    span_free: npt.NDArray[np.int32] = field(repr=False)  # free data pages in the span
+    nr_reserved: int = 0
+    nr_partial: int = 0  # blocks with refcount > 0 and free data pages in their span
+    partial_hint: int = 0  # no partial block below this
+    free_hint: int = 0  # no block with a free data page below this
+
+    def block_of_data(self, idx: IndexArray) -> IndexArray:
+        """Tag block of data pages: ``rounddown((p - R.start) // 32, block_pages)``."""
+        return (idx - self.data.start) // self.span_pages
+
+    def tag_pages(self, blocks: IndexArray) -> IndexArray:
+        """Tag page indices of ``blocks``, shape ``(len(blocks), block_pages)``."""
+        return self.tag.start + blocks[:, None] * self.block_pages + np.arange(self.block_pages)
+
+    def data_pages(self, blocks: IndexArray) -> IndexArray:
+        """Data page indices described by ``blocks``, shape ``(len(blocks), span_pages)``."""
+        return self.data.start + blocks[:, None] * self.span_pages + np.arange(self.span_pages)
+
+
+def runs(sorted_values: IndexArray) -> tuple[IndexArray, IndexArray]:
+    """Distinct values of a sorted array and how often each occurs."""
+    if sorted_values.size == 0:
+        return sorted_values, sorted_values
+    edges = np.flatnonzero(np.diff(sorted_values)) + 1
+    starts = np.concatenate(([0], edges))
+    counts = np.diff(np.concatenate((starts, [sorted_values.size])))
+    return sorted_values[starts], counts
+
+
+def _sum_by(keys: IndexArray, weights: npt.NDArray[np.int64]) -> tuple[IndexArray, IndexArray]:
+    """Distinct keys and the sum of ``weights`` over each (keys need not be sorted)."""
+    if keys.size and np.any(keys[1:] < keys[:-1]):
+        order = np.argsort(keys, kind="stable")
+        keys, weights = keys[order], weights[order]
+    if keys.size == 0:
+        return keys, weights
+    edges = np.flatnonzero(np.diff(keys)) + 1
+    starts = np.concatenate(([0], edges))
+    return keys[starts], np.add.reduceat(weights, starts)
+
+
+class PhysicalMemory:
+    """Pages, tag blocks and the allocator of one host. Not thread-safe: one owner."""
+
+    def __init__(
+        self,
+        topology: HostTopology,
+        placement: Placement,
+        counters: HostCounters,
+        emit: Callable[[Event], None],
+    ) -> None:
+        self.topology = topology
+        self.placement = placement
+        self.static = topology.tag_storage_mode is TagStorageMode.STATIC
+        self.page_size = topology.page_size_bytes
+        self.counters = counters
+        self._emit = emit
+        # Called with (owner slot, gfn offsets, new page indices) when guest pages move.
+        self.on_remap: Callable[[int, IndexArray, IndexArray], None] = lambda *_: None
+        # Owner slots whose pages must stay on MTE-capable RAM (MTE guests).
+        self.mte_owner = np.zeros(1 << 16, dtype=bool)
+
+        ps = self.page_size
+        spans: list[tuple[int, int, int, int, int]] = []  # base, size, kind, region, sub-index
+        for i, r in enumerate(topology.tag_regions):
+            spans.append((r.memory_base, r.memory_size_bytes, KIND_TAGGABLE, i, i))
+            spans.append((r.tag_base, r.tag_size_bytes, KIND_TAG_STORAGE, i, i))
+        for i, u in enumerate(topology.untagged_ranges):
+            spans.append((u.base, u.size_bytes, KIND_UNTAGGABLE, -1, i))
+        spans.sort()
+        self.segments: list[Segment] = []
+        start = 0
+        ts_offset = 0
+        for base, size, kind, region, sub in spans:
+            name = f"untagged{sub}" if kind == KIND_UNTAGGABLE else f"tag{region}"
+            seg = Segment(len(self.segments), kind, name, base // ps, start, size // ps, region)
+            if kind == KIND_TAG_STORAGE:
+                seg.ts_offset = ts_offset
+                ts_offset += seg.nr_pages
+            self.segments.append(seg)
+            start += seg.nr_pages
+        self.nr_pages = start
+        self._seg_starts = np.array([s.start for s in self.segments], dtype=np.int64)
+
+        self.regions: list[TagRegion] = []
+        for i, r in enumerate(topology.tag_regions):
+            data = next(s for s in self.segments if s.kind == KIND_TAGGABLE and s.region == i)
+            tag = next(s for s in self.segments if s.kind == KIND_TAG_STORAGE and s.region == i)
+            bp = r.block_pages(ps)
+            nr_blocks = tag.nr_pages // bp
+            self.regions.append(
+                TagRegion(
+                    i,
+                    f"tag{i}",
+                    data,
+                    tag,
+                    bp,
+                    bp * TAG_STORAGE_RATIO,
+                    nr_blocks,
+                    np.zeros(nr_blocks, np.int32),
+                    np.zeros(nr_blocks, np.int32),
+                    np.full(nr_blocks, bp * TAG_STORAGE_RATIO, np.int32),
+                )
+            )
+
+        self.flags = np.zeros(self.nr_pages, dtype=np.uint8)
+        self.owner = np.zeros(self.nr_pages, dtype=np.uint16)
+        self.ts_gfn = np.zeros(ts_offset, dtype=np.uint32)
+        self.seg_counts = np.zeros((len(self.segments), NR_FLAGS), dtype=np.int64)
+        for seg in self.segments:
+            self.flags[seg.start : seg.end] = seg.free_flag
+            self.seg_counts[seg.index, seg.free_flag] = seg.nr_pages
+        self.tags = TagContents(ps)
+        if self.static:
+            # The baseline: every tag block is reserved at boot and never lent.
+            for reg in self.regions:
+                self.flags[reg.tag.start : reg.tag.end] = TS_RESERVED
+                self.seg_counts[reg.tag.index, TS_FREE] = 0
+                self.seg_counts[reg.tag.index, TS_RESERVED] = reg.tag.nr_pages
+                reg.nr_reserved = reg.nr_blocks
+
+    # ----------------------------------------------------------------- unit conversions
+
+    def pfn_of(self, idx: IndexArray) -> IndexArray:
+        """Physical pfn of dense page indices."""
+        seg = np.searchsorted(self._seg_starts, idx, side="right") - 1
+        base = np.array([s.base_pfn - s.start for s in self.segments], dtype=np.int64)
+        return idx + base[seg]
+
+    def segment_of(self, idx: IndexArray) -> npt.NDArray[np.intp]:
+        return np.searchsorted(self._seg_starts, idx, side="right") - 1
+
+    def bytes_of(self, nr_pages: int) -> int:
+        return int(nr_pages) * self.page_size
+
+    # ----------------------------------------------------------------- the one state writer
+
+    def _set_flags(
+        self, idx: IndexArray, new: int | npt.NDArray[np.uint8]
+    ) -> list[tuple[TagRegion, IndexArray]]:
+        """Set page flags and keep every derived count in step.
+
+        Returns, per region, the tag blocks that now describe tagged pages but are not
+        reserved yet: the caller must reserve them (or undo the change). Blocks that lost
+        their last tagged page are released here.
+        """
+        if idx.size == 0:
+            return []
+        old = self.flags[idx]
+        new_arr = np.broadcast_to(np.asarray(new, dtype=np.uint8), idx.shape)
+        seg = self.segment_of(idx)
+        nseg = len(self.segments)
+        self.seg_counts -= np.bincount(
+            seg * NR_FLAGS + old, minlength=nseg * NR_FLAGS
+        ).reshape(nseg, NR_FLAGS)
+        self.seg_counts += np.bincount(
+            seg * NR_FLAGS + new_arr, minlength=nseg * NR_FLAGS
+        ).reshape(nseg, NR_FLAGS)
+        self.flags[idx] = new_arr
+
+        for s in np.unique(seg):
+            segment = self.segments[int(s)]
+            in_seg = seg == s
+            freed = in_seg & (new_arr == segment.free_flag) & (old != segment.free_flag)
+            if freed.any():
+                segment.hint = min(segment.hint, int(idx[freed].min()) - segment.start)
+
+        pending: list[tuple[TagRegion, IndexArray]] = []
+        for reg in self.regions:
+            d = reg.data
+            in_data = (idx >= d.start) & (idx < d.end)
+            if in_data.any():
+                o, n = old[in_data], new_arr[in_data]
+                d_free = (n == TG_FREE).astype(np.int64) - (o == TG_FREE)
+                d_rc = (n == TG_TAGGED).astype(np.int64) - (o == TG_TAGGED)
+                changed = (d_free != 0) | (d_rc != 0)
+                if changed.any():
+                    blocks = reg.block_of_data(idx[in_data][changed])
+                    ub, sum_free = _sum_by(blocks, d_free[changed])
+                    _, sum_rc = _sum_by(blocks, d_rc[changed])
+                    newly = self._adjust_blocks(reg, ub, sum_rc, sum_free)
+                    if newly.size:
+                        pending.append((reg, newly))
+            t = reg.tag
+            in_tag = (idx >= t.start) & (idx < t.end)
+            if in_tag.any():
+                o, n = old[in_tag], new_arr[in_tag]
+                d_lent = (n == TS_LENT).astype(np.int64) - (o == TS_LENT)
+                if d_lent.any():
+                    nz = d_lent != 0
+                    blocks = (idx[in_tag][nz] - t.start) // reg.block_pages
+                    ub, sums = _sum_by(blocks, d_lent[nz])
+                    reg.lent[ub] += sums.astype(np.int32)
+        return pending
+
+    def _adjust_blocks(
+        self, reg: TagRegion, blocks: IndexArray, d_rc: IndexArray, d_free: IndexArray
+    ) -> IndexArray:
+        rc_old = reg.refcount[blocks]
+        free_old = reg.span_free[blocks]
+        rc_new = rc_old + d_rc.astype(np.int32)
+        free_new = free_old + d_free.astype(np.int32)
+        reg.refcount[blocks] = rc_new
+        reg.span_free[blocks] = free_new
+        partial_old = (rc_old > 0) & (free_old > 0)
+        partial_new = (rc_new > 0) & (free_new > 0)
+        reg.nr_partial += int(partial_new.sum()) - int(partial_old.sum())
+        became_partial = partial_new & ~partial_old
+        if became_partial.any():
+            reg.partial_hint = min(reg.partial_hint, int(blocks[became_partial].min()))
+        got_free = (free_new > 0) & (free_old == 0)
+        if got_free.any():
+            reg.free_hint = min(reg.free_hint, int(blocks[got_free].min()))
+        if self.static:
+            return blocks[:0]
+        released = blocks[(rc_new == 0) & (rc_old > 0)]
+        if released.size:
+            self._release_blocks(reg, released)
+        return blocks[(rc_new > 0) & (rc_old == 0)]
+
+    def _claim(
+        self,
+        idx: IndexArray,
+        use: int,
+        owner: int | npt.NDArray[np.uint16],
+        gfn_offs: IndexArray | None,
+    ) -> list[tuple[TagRegion, IndexArray]]:
+        """Give free pages an owner and a use; record the gfn of pages in tag storage."""
+        kinds = self.flags[idx] >> 2
+        self.owner[idx] = owner
+        if gfn_offs is not None:
+            in_ts = kinds == KIND_TAG_STORAGE
+            if in_ts.any():
+                self.ts_gfn[self._ts_slot(idx[in_ts])] = gfn_offs[in_ts]
+        return self._set_flags(idx, (kinds << 2 | use).astype(np.uint8))
+
+    def _ts_slot(self, idx: IndexArray) -> IndexArray:
+        """Offsets into the tag storage reverse map of tag storage page indices."""
+        seg = self.segment_of(idx)
+        adj = np.array([s.ts_offset - s.start for s in self.segments], dtype=np.int64)
+        return idx + adj[seg]
+
+    # ----------------------------------------------------------------- free page search
+
+    def _first_free(self, seg: Segment, need: int, skip: IndexArray | None = None) -> IndexArray:
+        """Up to ``need`` free pages of ``seg`` in physical order, scanning from its hint."""
+        found: list[IndexArray] = []
+        got = 0
+        pos = seg.start + seg.hint
+        window = max(SCAN_WINDOW_MIN, 2 * need)
+        first_free: int | None = None
+        while got < need and pos < seg.end:
+            hi = min(seg.end, pos + window)
+            hits = np.flatnonzero(self.flags[pos:hi] == seg.free_flag) + pos
+            if first_free is None and hits.size:
+                first_free = int(hits[0])
+            if skip is not None and hits.size:
+                hits = hits[~np.isin(hits, skip)]
+            take = hits[: need - got]
+            found.append(take)
+            got += take.size
+            pos = hi
+            window *= 2
+        if first_free is None:
+            seg.hint = pos - seg.start
+        else:
+            seg.hint = first_free - seg.start
+        return np.concatenate(found) if found else np.empty(0, np.int64)
+
+    def free_pages(self, flag: int) -> int:
+        return int(self.seg_counts[:, flag].sum())
+
+    # ----------------------------------------------------------------- untagged allocation
+
+    def alloc_untagged(
+        self,
+        n: int,
+        owner: int | npt.NDArray[np.uint16],
+        gfn_offs: IndexArray,
+        *,
+        mte_capable_only: bool,
+    ) -> IndexArray:
+        """Allocate ``n`` pages of movable untagged data.
+
+        Order: untaggable ranges (unless the owner is an MTE guest, whose memory must be
+        MTE-capable), then taggable ranges, then free tag storage, which is thereby *lent*
+        (dynamic mode only). Raises ResourceExhaustedError("memory") with nothing changed.
+        """
+        if n == 0:
+            return np.empty(0, np.int64)
+        pools = [s for s in self.segments if s.kind == KIND_TAGGABLE]
+        if not mte_capable_only:
+            pools = [s for s in self.segments if s.kind == KIND_UNTAGGABLE] + pools
+        if not self.static:
+            pools += [s for s in self.segments if s.kind == KIND_TAG_STORAGE]
+        available = sum(int(self.seg_counts[s.index, s.free_flag]) for s in pools)
+        if available < n:
+            raise ResourceExhaustedError(
+                RESOURCE_MEMORY,
+                f"need {n} free pages for untagged data, {available} available",
+                nr_pages=n,
+                available_pages=available,
+            )
+        picked: list[IndexArray] = []
+        got = 0
+        for seg in pools:
+            if got == n:
+                break
+            take = self._first_free(seg, n - got)
+            picked.append(take)
+            got += take.size
+        idx = np.concatenate(picked)
+        self._claim(idx, USE_DATA, owner, gfn_offs)
+        return idx
+
+    # ----------------------------------------------------------------- tagged allocation
+
+    def alloc_tagged(
+        self, n: int, owner: int, gfn_offs: IndexArray
+    ) -> tuple[IndexArray, int, int]:
+        """Allocate ``n`` taggable pages and reserve the tag blocks that describe them.
+
+        Returns ``(pages, tag blocks reserved, replays)``. A page whose block cannot be
+        reserved (its lent data cannot be evacuated) is given up for another one, and the
+        guest fault that wanted it is replayed; after RESERVE_TRIES rounds the call fails with
+        ResourceExhaustedError and leaves no page allocated.
+        """
+        empty = np.empty(0, np.int64)
+        if n == 0:
+            return empty, 0, 0
+        available = self.free_pages(TG_FREE)
+        if available < n:
+            raise ResourceExhaustedError(
+                RESOURCE_TAGGABLE_MEMORY,
+                f"need {n} free taggable pages, {available} available",
+                nr_pages=n,
+                available_pages=available,
+            )
+        got: list[IndexArray] = []
+        nr_got = 0
+        excluded: dict[int, IndexArray] = {}
+        reserved = replays = 0
+        for _ in range(RESERVE_TRIES):
+            need = n - nr_got
+            cand = self._pick_tagged(need, excluded)
+            if cand.size < need:
+                break
+            pending = self._claim(cand, USE_TAGGED, owner, None)
+            bad = np.zeros(cand.size, dtype=bool)
+            for reg, blocks in pending:
+                ok = self._reserve_blocks(reg, blocks)
+                reserved += int(ok.sum())
+                failed = blocks[~ok]
+                if failed.size:
+                    excluded[reg.index] = np.union1d(excluded.get(reg.index, empty), failed)
+                    in_reg = (cand >= reg.data.start) & (cand < reg.data.end)
+                    bad |= in_reg & np.isin(reg.block_of_data(cand), failed)
+            if bad.any():
+                self.owner[cand[bad]] = NO_OWNER
+                self._set_flags(cand[bad], TG_FREE)
+                replays += int(bad.sum())
+            good = cand[~bad]
+            got.append(good)
+            nr_got += good.size
+            if nr_got == n:
+                break
+        pages = np.concatenate(got) if got else empty
+        if nr_got < n:
+            self.free(pages)
+            raise ResourceExhaustedError(
+                RESOURCE_TAG_STORAGE,
+                f"could not reserve tag storage for {n} pages after {RESERVE_TRIES} tries",
+                nr_pages=n,
+            )
+        if replays:
+            self.counters.add(self.counters.page_migrations, MigrationReason.RESERVE_FAILED.value, replays)
+            self.counters.fault_replays += replays
+        return pages, reserved, replays
+
+    def _pick_tagged(self, need: int, excluded: dict[int, IndexArray]) -> IndexArray:
+        if self.placement is Placement.NAIVE:
+            return self._pick_first_fit(need, excluded)
+        return self._pick_block_aware(need, excluded)
+
+    def _pick_first_fit(self, need: int, excluded: dict[int, IndexArray]) -> IndexArray:
+        picked: list[IndexArray] = []
+        got = 0
+        for reg in self.regions:
+            if got == need:
+                break
+            skip = None
+            if reg.index in excluded:
+                skip = reg.data_pages(excluded[reg.index]).ravel()
+            take = self._first_free(reg.data, need - got, skip)
+            picked.append(take)
+            got += take.size
+        return np.concatenate(picked) if picked else np.empty(0, np.int64)
+
+    def _pick_block_aware(self, need: int, excluded: dict[int, IndexArray]) -> IndexArray:
+        """Fill reserved blocks first, then blocks whose tag storage is free, then lent ones."""
+        chosen: list[tuple[TagRegion, IndexArray]] = []
+        remaining = need
+        # Pass 1: blocks already reserved that still describe free data pages.
+        for reg in self.regions:
+            if remaining <= 0:
+                break
+            if reg.nr_partial == 0:
+                continue
+            blocks, first_hit, _ = self._scan_blocks(
+                reg,
+                reg.partial_hint,
+                lambda r, lo, hi: (r.refcount[lo:hi] > 0) & (r.span_free[lo:hi] > 0),
+                remaining,
+                reg.nr_partial,
+            )
+            reg.partial_hint = first_hit
+            chosen.append((reg, blocks))
+            remaining -= int(reg.span_free[blocks].sum())
+        # Pass 2: unreserved blocks whose tag storage holds no lent data (fast path), keeping
+        # the lent ones seen on the way for pass 3.
+        lent_seen: list[tuple[TagRegion, IndexArray]] = []
+        for reg in self.regions:
+            if remaining <= 0:
+                break
+            excl = excluded.get(reg.index)
+
+            def unreserved(r: TagRegion, lo: int, hi: int, excl: IndexArray | None = excl):
+                m = (r.span_free[lo:hi] > 0) & (r.refcount[lo:hi] == 0)
+                if excl is not None and excl.size:
+                    m &= ~np.isin(np.arange(lo, hi), excl)
+                return m
+
+            blocks, _, first_free = self._scan_blocks(
+                reg, reg.free_hint, unreserved, remaining, None, lent_ok=False, lent_out=lent_seen
+            )
+            reg.free_hint = first_free
+            chosen.append((reg, blocks))
+            remaining -= int(reg.span_free[blocks].sum())
+        # Pass 3: blocks whose tag storage is lent: reserving them evacuates data.
+        for reg, blocks in lent_seen:
+            if remaining <= 0:
+                break
+            counts = np.cumsum(reg.span_free[blocks])
+            cut = int(np.searchsorted(counts, remaining)) + 1
+            take = blocks[:cut]
+            chosen.append((reg, take))
+            remaining -= int(reg.span_free[take].sum())
+
+        pages: list[IndexArray] = []
+        got = 0
+        for reg, blocks in chosen:
+            if got >= need or blocks.size == 0:
+                continue
+            span = reg.data_pages(blocks).ravel()
+            free = span[self.flags[span] == TG_FREE][: need - got]
+            pages.append(free)
+            got += free.size
+        return np.concatenate(pages) if pages else np.empty(0, np.int64)
+
+    def _scan_blocks(
+        self,
+        reg: TagRegion,
+        start: int,
+        mask_fn: Callable[[TagRegion, int, int], npt.NDArray[np.bool_]],
+        need_pages: int,
+        max_blocks: int | None,
+        *,
+        lent_ok: bool = True,
+        lent_out: list[tuple[TagRegion, IndexArray]] | None = None,
+    ) -> tuple[IndexArray, int, int]:
+        """Blocks from ``start`` on that pass ``mask_fn`` until they hold ``need_pages`` free
+        data pages.
+
+        Returns them, the first block that passed and the first block with any free data
+        page (each the end of the scanned range if there was none): the new scan hints.
+        With ``lent_ok=False`` blocks whose tag storage is lent are left out and collected in
+        ``lent_out`` instead.
+        """
+        found: list[IndexArray] = []
+        lent_found: list[IndexArray] = []
+        got = nr = 0
+        first: int | None = None
+        first_free: int | None = None
+        pos = start
+        window = max(SCAN_WINDOW_MIN // reg.span_pages, 64, 2 * need_pages // reg.span_pages)
+        while pos < reg.nr_blocks and got < need_pages:
+            if max_blocks is not None and nr >= max_blocks:
+                break
+            hi = min(reg.nr_blocks, pos + window)
+            if first_free is None:
+                any_free = np.flatnonzero(reg.span_free[pos:hi] > 0)
+                if any_free.size:
+                    first_free = pos + int(any_free[0])
+            hits = np.flatnonzero(mask_fn(reg, pos, hi)) + pos
+            if hits.size and first is None:
+                first = int(hits[0])
+            if not lent_ok and hits.size:
+                is_lent = reg.lent[hits] > 0
+                lent_found.append(hits[is_lent])
+                hits = hits[~is_lent]
+            if hits.size:
+                counts = np.cumsum(reg.span_free[hits])
+                cut = int(np.searchsorted(counts, need_pages - got)) + 1
+                hits = hits[:cut]
+                found.append(hits)
+                got += int(reg.span_free[hits].sum())
+                nr += hits.size
+            pos = hi
+            window *= 2
+        if lent_out is not None and lent_found:
+            lent_out.append((reg, np.concatenate(lent_found)))
+        blocks = np.concatenate(found) if found else np.empty(0, np.int64)
+        return blocks, pos if first is None else first, pos if first_free is None else first_free
+
+    # ----------------------------------------------------------------- reservation
+
+    def _reserve_blocks(self, reg: TagRegion, blocks: IndexArray) -> npt.NDArray[np.bool_]:
+        """Reserve tag ``blocks`` (unreserved, now describing tagged pages).
+
+        Free blocks are taken at once (the fast path). Lent pages are evacuated first: their
+        guest pages move to other untagged memory. Blocks whose data has nowhere to go fail.
+        Returns which blocks were reserved.
+        """
+        t0 = time.perf_counter()
+        tag_idx = reg.tag_pages(blocks)
+        fl = self.flags[tag_idx]
+        # Claim the free tag pages first so that evacuated data cannot land in them.
+        self._set_flags(tag_idx[fl == TS_FREE], TS_RESERVED)
+        lent_mask = fl == TS_LENT
+        ok = np.ones(blocks.size, dtype=bool)
+        evacuated = 0
+        if lent_mask.any():
+            lent_owner = np.where(lent_mask, self.owner[tag_idx], 0)
+            need_any = lent_mask.sum(axis=1)
+            need_mte = (lent_mask & self.mte_owner[lent_owner]).sum(axis=1)
+            cap_mte = self.free_pages(TG_FREE) + self.free_pages(TS_FREE)
+            cap_any = cap_mte + self.free_pages(UT_FREE)
+            ok = (np.cumsum(need_any) <= cap_any) & (np.cumsum(need_mte) <= cap_mte)
+            src = tag_idx[ok][lent_mask[ok]]
+            evacuated = int(src.size)
+            if evacuated:
+                self._evacuate(src)
+            failed = ~ok
+            if failed.any():
+                rows = tag_idx[failed]
+                self._set_flags(rows[fl[failed] == TS_FREE], TS_FREE)
+        nr_ok = int(ok.sum())
+        bytes_inval = nr_ok * reg.block_pages * self.page_size
+        c = self.counters
+        c.add(c.tag_blocks_reserved, reg.name, nr_ok)
+        c.add(c.cache_maintenance_bytes, DCACHE_INVALIDATE, bytes_inval)
+        reg.nr_reserved += nr_ok
+        nr_failed = blocks.size - nr_ok
+        if nr_failed:
+            c.add(c.tag_block_reserve_failures, reg.name, nr_failed)
+            self._emit(Event(EVENT_TAG_RESERVE_FAILED, region=reg.name, count=nr_failed))
+        if evacuated:
+            c.add(c.evacuated_pages, reg.name, evacuated)
+            c.add(c.page_migrations, MigrationReason.EVACUATION.value, evacuated)
+            self._emit(Event(EVENT_EVACUATION, region=reg.name, count=evacuated))
+        if nr_ok:
+            self._emit(
+                Event(
+                    EVENT_TAG_BLOCKS_RESERVED,
+                    region=reg.name,
+                    count=nr_ok,
+                    seconds=time.perf_counter() - t0,
+                )
+            )
+        return ok
+
+    def _evacuate(self, src: IndexArray) -> None:
+        """Move the lent data in tag storage pages ``src`` elsewhere; ``src`` become reserved."""
+        owners = self.owner[src]
+        gfns = self.ts_gfn[self._ts_slot(src)].astype(np.int64)
+        is_mte = self.mte_owner[owners]
+        dst = np.empty_like(src)
+        for mask, mte_only in ((is_mte, True), (~is_mte, False)):
+            if mask.any():
+                dst[mask] = self.alloc_untagged(
+                    int(mask.sum()), owners[mask], gfns[mask], mte_capable_only=mte_only
+                )
+        # Tags go before the source is given up (a no-op for untagged data, kept for order).
+        self.tags.move(src, dst)
+        for slot in np.unique(owners):
+            m = owners == slot
+            self.on_remap(int(slot), gfns[m], dst[m])
+        self.owner[src] = NO_OWNER
+        self._set_flags(src, TS_RESERVED)
+
+    def _release_blocks(self, reg: TagRegion, blocks: IndexArray) -> None:
+        """Give tag ``blocks`` (no tagged page left) back to the allocator."""
+        tag_idx = reg.tag_pages(blocks)
+        was_reserved = self.flags[tag_idx[:, 0]] == TS_RESERVED
+        blocks, tag_idx = blocks[was_reserved], tag_idx[was_reserved]
+        if blocks.size == 0:
+            return
+        self._set_flags(tag_idx.ravel(), TS_FREE)
+        reg.nr_reserved -= blocks.size
+        c = self.counters
+        c.add(c.tag_blocks_released, reg.name, blocks.size)
+        c.add(
+            c.cache_maintenance_bytes,
+            TAG_CACHE_INVALIDATE,
+            blocks.size * reg.span_pages * self.page_size,
+        )
+        self._emit(Event(EVENT_TAG_BLOCKS_RELEASED, region=reg.name, count=int(blocks.size)))
+
+    # ----------------------------------------------------------------- conversions of use
+
+    def make_tagged(self, idx: IndexArray) -> tuple[IndexArray, int]:
+        """Turn mapped untagged pages in taggable ranges tagged, in place.
+
+        Returns the pages whose tag blocks could not be reserved (left untagged: the caller
+        migrates them) and the number of blocks reserved.
+        """
+        pending = self._set_flags(idx, TG_TAGGED)
+        bad = np.zeros(idx.size, dtype=bool)
+        reserved = 0
+        for reg, blocks in pending:
+            ok = self._reserve_blocks(reg, blocks)
+            reserved += int(ok.sum())
+            failed = blocks[~ok]
+            if failed.size:
+                in_reg = (idx >= reg.data.start) & (idx < reg.data.end)
+                bad |= in_reg & np.isin(reg.block_of_data(idx), failed)
+        if bad.any():
+            self._set_flags(idx[bad], TG_DATA)
+        return idx[bad], reserved
+
+    def free(self, idx: IndexArray) -> None:
+        """Free pages: their tags are discarded and tag blocks they held are released."""
+        if idx.size == 0:
+            return
+        self.tags.discard(idx)
+        self.owner[idx] = NO_OWNER
+        self._set_flags(idx, ((self.flags[idx] >> 2) << 2).astype(np.uint8))
+
+    # ----------------------------------------------------------------- views
+
+    def usage(self, segments: list[Segment] | None = None) -> MemoryUsage:
+        counts = self.seg_counts if segments is None else self.seg_counts[[s.index for s in segments]]
+        c = counts.sum(axis=0)
+        b = self.bytes_of
+        return MemoryUsage(
+            free_bytes=b(c[UT_FREE] + c[TG_FREE]),
+            data_bytes=b(c[UT_DATA] + c[TG_DATA]),
+            tagged_bytes=b(c[TG_TAGGED]),
+            tag_reserved_bytes=b(c[TS_RESERVED]),
+            tag_lent_bytes=b(c[TS_LENT]),
+            tag_free_bytes=b(c[TS_FREE]),
+        )
+
+    def tagged_pages(self, reg: TagRegion) -> int:
+        return int(self.seg_counts[reg.data.index, TG_TAGGED])
+
+    def min_blocks_needed(self, reg: TagRegion) -> int:
+        """Fewest tag blocks that could describe the region's tagged pages."""
+        return -(-self.tagged_pages(reg) // reg.span_pages)
+
+    def iter_segments(self, kind: int) -> Iterator[Segment]:
+        return (s for s in self.segments if s.kind == kind)
+
+    # ----------------------------------------------------------------- restore
+
+    def rebuild_derived(self) -> None:
+        """Recompute every derived count from the flags (after a restore)."""
+        nseg = len(self.segments)
+        seg = np.repeat(np.arange(nseg), [s.nr_pages for s in self.segments])
+        self.seg_counts = np.bincount(
+            seg * NR_FLAGS + self.flags, minlength=nseg * NR_FLAGS
+        ).reshape(nseg, NR_FLAGS)
+        for s in self.segments:
+            s.hint = 0
+        for reg in self.regions:
+            d = self.flags[reg.data.start : reg.data.end].reshape(reg.nr_blocks, reg.span_pages)
+            t = self.flags[reg.tag.start : reg.tag.end].reshape(reg.nr_blocks, reg.block_pages)
+            reg.refcount = (d == TG_TAGGED).sum(axis=1).astype(np.int32)
+            reg.span_free = (d == TG_FREE).sum(axis=1).astype(np.int32)
+            reg.lent = (t == TS_LENT).sum(axis=1).astype(np.int32)
+            reg.nr_reserved = int((t[:, 0] == TS_RESERVED).sum())
+            reg.nr_partial = int(((reg.refcount > 0) & (reg.span_free > 0)).sum())
+            reg.partial_hint = 0
+            reg.free_hint = 0

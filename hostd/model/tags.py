@@ -1,0 +1,97 @@
+"""Guest tag contents, kept sparsely per host page.
+
+Tags are stored the way ``KVM_ARM_MTE_COPY_TAGS`` exposes them: one tag (0..15) per byte, one
+byte per 16-byte granule, ``page_size / 16`` bytes per page. A page that is absent has all-zero
+tags (KVM sanitises a page's tags when it is first mapped). Keys are host page indices, so tags
+move with the host page: a migration that forgets to move them loses them, as it would on
+hardware.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from hostd.model.types import MTE_GRANULE_BYTES
+
+IndexArray = npt.NDArray[np.int64]
+
+
+class TagContents:
+    """A sorted array of host page indices and a matching ``(n, tags_per_page)`` array of tags.
+
+    Every operation is vectorised over the pages it is given; cost is O(stored + given).
+    """
+
+    def __init__(self, page_size_bytes: int) -> None:
+        self.tags_per_page = page_size_bytes // MTE_GRANULE_BYTES
+        self._pages: IndexArray = np.empty(0, dtype=np.int64)
+        self._tags = np.empty((0, self.tags_per_page), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return int(self._pages.size)
+
+    @property
+    def pages(self) -> IndexArray:
+        """Host page indices that hold at least one non-zero tag (sorted, read-only view)."""
+        view = self._pages.view()
+        view.flags.writeable = False
+        return view
+
+    def read(self, pages: IndexArray) -> npt.NDArray[np.uint8]:
+        """Tags of ``pages`` as a ``(len(pages), tags_per_page)`` array (zeros where none)."""
+        out = np.zeros((pages.size, self.tags_per_page), dtype=np.uint8)
+        if self._pages.size and pages.size:
+            pos = np.searchsorted(self._pages, pages)
+            pos_clip = np.minimum(pos, self._pages.size - 1)
+            hit = self._pages[pos_clip] == pages
+            out[hit] = self._tags[pos_clip[hit]]
+        return out
+
+    def write(self, pages: IndexArray, tags: npt.NDArray[np.uint8]) -> None:
+        """Set the tags of ``pages`` (unique) to ``tags`` rows; all-zero rows are not stored."""
+        self.discard(pages)
+        keep = tags.any(axis=1)
+        if not keep.any():
+            return
+        self._insert(pages[keep], tags[keep])
+
+    def discard(self, pages: IndexArray) -> None:
+        """Forget the tags of ``pages`` (they read as zero afterwards)."""
+        if not self._pages.size or not pages.size:
+            return
+        drop = np.isin(self._pages, pages)
+        if drop.any():
+            self._pages = self._pages[~drop]
+            self._tags = self._tags[~drop]
+
+    def move(self, src: IndexArray, dst: IndexArray) -> None:
+        """Tags of ``src[i]`` become the tags of ``dst[i]``; ``src`` pages read as zero after.
+
+        ``dst`` pages must hold no tags (they are fresh destinations of a migration).
+        """
+        if not self._pages.size or not src.size:
+            return
+        pos = np.searchsorted(self._pages, src)
+        pos_clip = np.minimum(pos, self._pages.size - 1)
+        hit = self._pages[pos_clip] == src
+        if not hit.any():
+            return
+        rows = self._tags[pos_clip[hit]]
+        self.discard(src[hit])
+        self._insert(dst[hit], rows)
+
+    def _insert(self, pages: IndexArray, rows: npt.NDArray[np.uint8]) -> None:
+        all_pages = np.concatenate([self._pages, pages.astype(np.int64)])
+        all_tags = np.concatenate([self._tags, rows])
+        order = np.argsort(all_pages, kind="stable")
+        self._pages = all_pages[order]
+        self._tags = all_tags[order]
+
+    def state(self) -> tuple[IndexArray, npt.NDArray[np.uint8]]:
+        return self._pages.copy(), self._tags.copy()
+
+    def restore(self, pages: IndexArray, tags: npt.NDArray[np.uint8]) -> None:
+        order = np.argsort(pages, kind="stable")
+        self._pages = pages.astype(np.int64)[order]
+        self._tags = tags.astype(np.uint8).reshape(-1, self.tags_per_page)[order]

@@ -1,0 +1,340 @@
+"""Value types of the model: enums, validated configs (``*Config``), read-only views
+(``*Status``) and guest-protocol answers.
+
+Sizes are bytes (``*_bytes``), counts of host pages are ``nr_pages``, guest addresses ``gpa``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+_K = TypeVar("_K")
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+# Boot RAM starts here on QEMU's arm64 `virt` machine.
+BOOT_RAM_GPA = 0x4000_0000
+# Device memory (DIMMs, virtio-mem) starts at the first 1 GiB boundary after boot RAM (QEMU).
+DEVICE_MEMORY_ALIGN_BYTES = GiB
+# A guest fault or tag copy may cover at most this much guest memory in one call.
+MAX_FAULT_BYTES = GiB
+# One tag per 16-byte granule.
+MTE_GRANULE_BYTES = 16
+# Data bytes described by one byte of packed tag storage (4-bit tags): 1/32 of RAM.
+TAG_STORAGE_RATIO = 32
+
+
+class TagPolicy(enum.Enum):
+    """When the host provides tag storage for an MTE guest's memory (DOMAIN.md §4)."""
+
+    ON_FAULT = "ON_FAULT"
+    EAGER = "EAGER"
+    ON_TAG_ACCESS = "ON_TAG_ACCESS"
+
+
+class Access(enum.Enum):
+    """Kind of guest access behind a stage-2 fault."""
+
+    READ = "READ"
+    WRITE = "WRITE"
+    TAG = "TAG"
+
+
+class TagCopyDirection(enum.Enum):
+    """``KVM_ARM_MTE_COPY_TAGS`` direction, seen from the guest."""
+
+    TO_GUEST = "TO_GUEST"
+    FROM_GUEST = "FROM_GUEST"
+
+
+class Placement(enum.Enum):
+    """How tagged allocations choose host pages."""
+
+    # Fill tag blocks that are already reserved, then free blocks, then lent ones.
+    TAG_BLOCK_AWARE = "TAG_BLOCK_AWARE"
+    # First fit in physical order, reserving whatever blocks that touches.
+    NAIVE = "NAIVE"
+
+
+class TagStorageMode(enum.Enum):
+    """Host-wide: lend tag storage (dynamic) or reserve all of it at boot (static carve-out)."""
+
+    DYNAMIC = "DYNAMIC"
+    STATIC = "STATIC"
+
+
+class PageState(enum.IntEnum):
+    """Use of one host page, as reported outside the model (export, status)."""
+
+    FREE = 0  # free, outside tag storage
+    DATA = 1  # untagged data, outside tag storage
+    TAGGED = 2  # tagged data: its tag block is reserved
+    TAG_RESERVED = 3  # tag storage holding tags
+    TAG_LENT = 4  # tag storage lent to untagged data
+    TAG_FREE = 5  # tag storage, free
+
+
+class MemoryDeviceKind(enum.Enum):
+    BOOT_RAM = "BOOT_RAM"
+    DIMM = "DIMM"
+    VIRTIO_MEM = "VIRTIO_MEM"
+
+
+class VirtioMemRequestType(enum.Enum):
+    PLUG = "PLUG"
+    UNPLUG = "UNPLUG"
+    UNPLUG_ALL = "UNPLUG_ALL"
+    STATE = "STATE"
+
+
+class VirtioMemResponse(enum.Enum):
+    ACK = "ACK"
+    NACK = "NACK"
+    BUSY = "BUSY"
+    ERROR = "ERROR"
+
+
+class VirtioMemBlockState(enum.Enum):
+    PLUGGED = "PLUGGED"
+    UNPLUGGED = "UNPLUGGED"
+    MIXED = "MIXED"
+
+
+class MigrationReason(enum.Enum):
+    """Why a guest page moved to another host page."""
+
+    EVACUATION = "evacuation"  # lent tag storage taken back for tags
+    TAG_ACCESS = "tag_access"  # untagged page had to become tagged where it cannot
+    RESERVE_FAILED = "reserve_failed"  # its tag block could not be reserved: moved, replayed
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What a VMM asks for when it creates a VM (checked by ``Host.create_vm``)."""
+
+    vm_id: str
+    mte_enabled: bool
+    tag_policy: TagPolicy = TagPolicy.ON_FAULT
+    boot_memory_bytes: int = GiB
+    dimm_slots: int = 0
+    # Boot RAM plus every DIMM and virtio-mem region; 0 means "boot RAM only".
+    max_memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class VirtioMemConfig:
+    """A virtio-mem device as the VMM creates it (sizes in bytes, multiples of block size)."""
+
+    region_size_bytes: int
+    block_size_bytes: int
+    requested_size_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class FaultResult:
+    """What one guest fault call did."""
+
+    newly_mapped_pages: int = 0
+    tag_blocks_reserved: int = 0
+    pages_migrated: int = 0
+    replays: int = 0
+
+
+@dataclass(frozen=True)
+class VirtioMemAnswer:
+    """The device's answer to a guest request; ``state`` only for STATE requests."""
+
+    response: VirtioMemResponse
+    state: VirtioMemBlockState | None = None
+
+
+@dataclass(frozen=True)
+class MemoryDeviceStatus:
+    """A VM memory region: boot RAM, a DIMM or a virtio-mem device."""
+
+    device_id: str
+    kind: MemoryDeviceKind
+    gpa: int
+    # DIMM / boot RAM: its size; virtio-mem: the region size.
+    size_bytes: int
+    plugged_bytes: int
+    mapped_bytes: int
+    tagged_bytes: int
+    # virtio-mem only (0 otherwise).
+    block_size_bytes: int = 0
+    requested_size_bytes: int = 0
+    usable_region_size_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    vm_id: str
+    mte_enabled: bool
+    tag_policy: TagPolicy
+    boot_memory_bytes: int
+    dimm_slots: int
+    max_memory_bytes: int
+    mapped_bytes: int
+    tagged_bytes: int
+    # Boot RAM first, then devices in address order.
+    regions: tuple[MemoryDeviceStatus, ...]
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """Bytes by page state; the six fields partition ``total_bytes``."""
+
+    free_bytes: int = 0  # free outside tag storage
+    data_bytes: int = 0  # untagged data outside tag storage
+    tagged_bytes: int = 0
+    tag_reserved_bytes: int = 0
+    tag_lent_bytes: int = 0
+    tag_free_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.free_bytes
+            + self.data_bytes
+            + self.tagged_bytes
+            + self.tag_reserved_bytes
+            + self.tag_lent_bytes
+            + self.tag_free_bytes
+        )
+
+    @property
+    def tag_storage_bytes(self) -> int:
+        return self.tag_reserved_bytes + self.tag_lent_bytes + self.tag_free_bytes
+
+    @property
+    def all_free_bytes(self) -> int:
+        """Free memory including free tag storage (the API's ``free_bytes``)."""
+        return self.free_bytes + self.tag_free_bytes
+
+    @property
+    def all_data_bytes(self) -> int:
+        """Untagged data including what lives in lent tag storage (the API's ``data_bytes``)."""
+        return self.data_bytes + self.tag_lent_bytes
+
+    def __add__(self, other: MemoryUsage) -> MemoryUsage:
+        return MemoryUsage(
+            self.free_bytes + other.free_bytes,
+            self.data_bytes + other.data_bytes,
+            self.tagged_bytes + other.tagged_bytes,
+            self.tag_reserved_bytes + other.tag_reserved_bytes,
+            self.tag_lent_bytes + other.tag_lent_bytes,
+            self.tag_free_bytes + other.tag_free_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class RegionStatus:
+    """One tag region (tagged range + its tag storage) or one untaggable range."""
+
+    index: int
+    name: str  # "tag0", "tag1", ... or "untagged0", ...
+    memory_base: int  # physical address of the data range
+    memory_size_bytes: int
+    tag_base: int  # 0 / 0 for untaggable ranges
+    tag_size_bytes: int
+    block_size_bytes: int  # tag block size in bytes (block_pages * page size); 0 if untaggable
+    usage: MemoryUsage
+    tag_blocks_total: int
+    tag_blocks_reserved: int
+    # Fewest blocks that could hold the tags of the tagged pages of this region.
+    tag_blocks_min_needed: int
+    # Data bytes that could still become tagged here (free taggable pages).
+    tagged_capacity_bytes: int
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    page_size_bytes: int
+    mte_perm: bool
+    tag_storage_mode: TagStorageMode
+    placement: Placement
+    usage: MemoryUsage
+    regions: tuple[RegionStatus, ...]
+    vm_count: int
+
+    @property
+    def tag_blocks_reserved(self) -> int:
+        return sum(r.tag_blocks_reserved for r in self.regions)
+
+    @property
+    def tag_blocks_min_needed(self) -> int:
+        return sum(r.tag_blocks_min_needed for r in self.regions)
+
+    @property
+    def tagged_capacity_bytes(self) -> int:
+        return sum(r.tagged_capacity_bytes for r in self.regions)
+
+
+@dataclass
+class HostCounters:
+    """Monotonic event counters kept by the model (metrics derive from these)."""
+
+    faults: dict[tuple[str, str], int] = field(default_factory=dict)  # (access, outcome)
+    tag_blocks_reserved: dict[str, int] = field(default_factory=dict)  # region name
+    tag_blocks_released: dict[str, int] = field(default_factory=dict)
+    tag_block_reserve_failures: dict[str, int] = field(default_factory=dict)
+    evacuated_pages: dict[str, int] = field(default_factory=dict)
+    page_migrations: dict[str, int] = field(default_factory=dict)  # MigrationReason.value
+    fault_replays: int = 0
+    virtio_mem_requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (type, resp)
+    dimm_operations: dict[str, int] = field(default_factory=dict)  # "plug" / "unplug"
+    cache_maintenance_bytes: dict[str, int] = field(default_factory=dict)  # kind
+    tags_copied_bytes: dict[str, int] = field(default_factory=dict)  # direction
+
+    @staticmethod
+    def add(table: dict[_K, int], key: _K, n: int = 1) -> None:
+        """Add ``n`` to ``table[key]`` (keys appear on first use)."""
+        if n:
+            table[key] = table.get(key, 0) + int(n)
+
+
+# Cache maintenance kinds (DOMAIN.md §1).
+DCACHE_INVALIDATE = "dcache_invalidate"  # over the tag block, when it is reserved
+TAG_CACHE_INVALIDATE = "tag_cache_invalidate"  # over the data pages, when tags are released
+
+
+@dataclass(frozen=True)
+class PageExtent:
+    """A run of host pages in the same state with the same owner and consecutive gfns."""
+
+    pfn_start: int
+    count: int
+    state: PageState
+    vm_id: str = ""  # "" when the pages have no owner
+    gfn_start: int = 0  # guest frame number of the first page (gpa / page size)
+
+
+@dataclass(frozen=True)
+class ReservedTagBlock:
+    region: str
+    tag_pfn_start: int
+    nr_pages: int
+    refcount: int  # tagged data pages this block describes
+
+
+@dataclass(frozen=True)
+class MappingRun:
+    """Consecutive guest frames of one VM mapped to consecutive host frames."""
+
+    vm_id: str
+    gfn_start: int
+    pfn_start: int
+    count: int
+    tagged: bool
+
+
+@dataclass(frozen=True)
+class HostExport:
+    page_extents: tuple[PageExtent, ...]
+    reserved_tag_blocks: tuple[ReservedTagBlock, ...]
+    mapping_runs: tuple[MappingRun, ...]
