@@ -48,11 +48,10 @@ from hostd.model.physmem import (
     TS_RESERVED,
     UT_FREE,
     PhysicalMemory,
-    runs,
+    as_slice,
 )
 from hostd.model.topology import HostTopology, parse_topology
 from hostd.model.types import (
-    BOOT_RAM_GPA,
     MAX_FAULT_BYTES,
     MTE_GRANULE_BYTES,
     Access,
@@ -63,8 +62,8 @@ from hostd.model.types import (
     MappingRun,
     MemoryDeviceKind,
     MemoryDeviceStatus,
-    MigrationReason,
     MiB,
+    MigrationReason,
     PageExtent,
     Placement,
     RegionStatus,
@@ -79,7 +78,7 @@ from hostd.model.types import (
     VmConfig,
     VmStatus,
 )
-from hostd.model.vm import BOOT_RAM_DEVICE_ID, MemoryDevice, Vm
+from hostd.model.vm import MemoryDevice, Vm
 
 IndexArray = npt.NDArray[np.int64]
 
@@ -205,7 +204,7 @@ class Host:
     # ----------------------------------------------------------------- mapping
 
     def _map(self, vm: Vm, offs: IndexArray, pages: IndexArray, *, tagged: bool) -> None:
-        vm.stage2[offs] = (pages + 1).astype(np.uint32)
+        vm.stage2[as_slice(offs)] = pages + 1
         vm.mapped_pages += offs.size
         if tagged:
             vm.tagged_pages += offs.size
@@ -504,7 +503,9 @@ class Host:
         refusal = dev.check_request(kind, addr, nb_blocks)
         if refusal is not None:
             return VirtioMemAnswer(refusal)
-        blocks = np.arange(dev.block_range(addr, nb_blocks).start, dev.block_range(addr, nb_blocks).stop)
+        blocks = np.arange(
+            dev.block_range(addr, nb_blocks).start, dev.block_range(addr, nb_blocks).stop
+        )
         if kind is VirtioMemRequestType.UNPLUG:
             self._unplug_blocks(vm, dev, blocks)
             return VirtioMemAnswer(VirtioMemResponse.ACK)
@@ -527,7 +528,9 @@ class Host:
             return VirtioMemResponse.NACK
         dev.plugged[blocks] = True
         self._emit(
-            Event(EVENT_VIRTIO_MEM_PLUGGED, vm_id=vm.vm_id, device_id=dev.device_id, count=blocks.size)
+            Event(
+                EVENT_VIRTIO_MEM_PLUGGED, vm_id=vm.vm_id, device_id=dev.device_id, count=blocks.size
+            )
         )
         return VirtioMemResponse.ACK
 
@@ -545,7 +548,10 @@ class Host:
         dev.plugged[blocks] = False
         self._emit(
             Event(
-                EVENT_VIRTIO_MEM_UNPLUGGED, vm_id=vm.vm_id, device_id=dev.device_id, count=blocks.size
+                EVENT_VIRTIO_MEM_UNPLUGGED,
+                vm_id=vm.vm_id,
+                device_id=dev.device_id,
+                count=blocks.size,
             )
         )
 
@@ -580,10 +586,12 @@ class Host:
             )
 
     def _fault(self, vm: Vm, offs: IndexArray, access: Access) -> FaultResult:
-        s2 = vm.stage2[offs]
+        s2 = vm.stage2[as_slice(offs)]
         unmapped = offs[s2 == 0]
         cfg = vm.config
-        if not cfg.mte_enabled or (cfg.tag_policy is TagPolicy.ON_TAG_ACCESS and access is not Access.TAG):
+        if not cfg.mte_enabled or (
+            cfg.tag_policy is TagPolicy.ON_TAG_ACCESS and access is not Access.TAG
+        ):
             # Untagged memory; an MTE guest's stays on MTE-capable RAM (may be lent tag storage).
             pages = self.mem.alloc_untagged(
                 unmapped.size, vm.slot, unmapped, mte_capable_only=cfg.mte_enabled
@@ -604,7 +612,9 @@ class Host:
             vm.tagged_pages += int(in_place.sum()) - failed.size
             must_move = (fl != TG_TAGGED) & ~in_place
             self.counters.add(
-                self.counters.page_migrations, MigrationReason.TAG_ACCESS.value, int(must_move.sum())
+                self.counters.page_migrations,
+                MigrationReason.TAG_ACCESS.value,
+                int(must_move.sum()),
             )
             must_move[in_place] = np.isin(src[in_place], failed)
             if failed.size:
@@ -754,23 +764,29 @@ class Host:
             gfns = vm.gfn_of_offset(offs)
             gfn[pages] = gfns
             tagged = mem.flags[pages] == TG_TAGGED
-            brk = np.flatnonzero(
-                (np.diff(offs) != 1) | (np.diff(pages) != 1) | (tagged[1:] != tagged[:-1])
-            ) + 1
+            brk = (
+                np.flatnonzero(
+                    (np.diff(offs) != 1) | (np.diff(pages) != 1) | (tagged[1:] != tagged[:-1])
+                )
+                + 1
+            )
             starts = np.concatenate(([0], brk)) if offs.size else brk
             ends = np.concatenate((brk, [offs.size])) if offs.size else brk
             pfns = mem.pfn_of(pages[starts]) if starts.size else starts
-            for s, e, pfn in zip(starts.tolist(), ends.tolist(), pfns.tolist()):
+            for s, e, pfn in zip(starts.tolist(), ends.tolist(), pfns.tolist(), strict=False):
                 mapping_runs.append(MappingRun(vm.vm_id, int(gfns[s]), pfn, e - s, bool(tagged[s])))
         state = mem.flags
         owner = mem.owner
         idx = np.arange(1, n)
-        brk = np.flatnonzero(
-            (state[1:] != state[:-1])
-            | (owner[1:] != owner[:-1])
-            | ((gfn[1:] != gfn[:-1] + 1) & (gfn[1:] >= 0))
-            | np.isin(idx, [s.start for s in mem.segments])
-        ) + 1
+        brk = (
+            np.flatnonzero(
+                (state[1:] != state[:-1])
+                | (owner[1:] != owner[:-1])
+                | ((gfn[1:] != gfn[:-1] + 1) & (gfn[1:] >= 0))
+                | np.isin(idx, [s.start for s in mem.segments])
+            )
+            + 1
+        )
         starts = np.concatenate(([0], brk))
         ends = np.concatenate((brk, [n]))
         pfns = mem.pfn_of(starts)
@@ -783,7 +799,7 @@ class Host:
                 vm_id=names.get(int(owner[s]), ""),
                 gfn_start=max(int(gfn[s]), 0),
             )
-            for s, e, pfn in zip(starts.tolist(), ends.tolist(), pfns.tolist())
+            for s, e, pfn in zip(starts.tolist(), ends.tolist(), pfns.tolist(), strict=False)
         )
         blocks: list[ReservedTagBlock] = []
         for reg in mem.regions:
@@ -792,7 +808,7 @@ class Host:
             tag_pfns = mem.pfn_of(first_pages[reserved]) if reserved.size else reserved
             blocks.extend(
                 ReservedTagBlock(reg.name, pfn, reg.block_pages, int(reg.refcount[b]))
-                for b, pfn in zip(reserved.tolist(), tag_pfns.tolist())
+                for b, pfn in zip(reserved.tolist(), tag_pfns.tolist(), strict=False)
             )
         return HostExport(extents, tuple(blocks), tuple(mapping_runs))
 
@@ -912,7 +928,7 @@ def topology_to_doc(topology: HostTopology) -> dict[str, Any]:
             }
             for r in topology.tag_regions
         ],
-        "untagged_range": [{"base": u.base, "size": u.size_bytes} for u in topology.untagged_ranges],
+        "untagged_range": [
+            {"base": u.base, "size": u.size_bytes} for u in topology.untagged_ranges
+        ],
     }
-
-

@@ -48,13 +48,16 @@ def check(host: Host) -> list[str]:
         f = flags[seg.start : seg.end]
         bad = ~np.isin(f, VALID_FLAGS[seg.kind])
         if bad.any():
-            out.append(f"{seg.name}: flags invalid for its kind: {_examples(np.flatnonzero(bad) + seg.start)}")
+            where = _examples(np.flatnonzero(bad) + seg.start)
+            out.append(f"{seg.name}: flags invalid for its kind: {where}")
         counts = np.bincount(f, minlength=NR_FLAGS)
         if not np.array_equal(counts, mem.seg_counts[seg.index]):
             out.append(f"{seg.name}: per-state page totals drifted from the page flags")
         first_free = np.flatnonzero(f == seg.free_flag)
         if first_free.size and first_free[0] < seg.hint:
-            out.append(f"{seg.name}: free-page hint {seg.hint} skips free page {int(first_free[0])}")
+            out.append(
+                f"{seg.name}: free-page hint {seg.hint} skips free page {int(first_free[0])}"
+            )
     if int(mem.seg_counts.sum()) != mem.nr_pages:
         out.append("per-state page totals do not add up to the host size")
 
@@ -65,7 +68,10 @@ def check(host: Host) -> list[str]:
     for vm in host.vms.values():
         live[vm.slot] = True
     if (owner[~owned] != 0).any():
-        out.append(f"free or reserved pages with an owner: {_examples(np.flatnonzero(~owned & (owner != 0)))}")
+        out.append(
+            "free or reserved pages with an owner: "
+            f"{_examples(np.flatnonzero(~owned & (owner != 0)))}"
+        )
     orphan = owned & ~live[owner]
     if orphan.any():
         out.append(f"data pages without a live owner VM: {_examples(np.flatnonzero(orphan))}")
@@ -76,12 +82,17 @@ def check(host: Host) -> list[str]:
         t = flags[reg.tag.start : reg.tag.end].reshape(reg.nr_blocks, reg.block_pages)
         tagged = (d == TG_TAGGED).sum(axis=1)
         if not np.array_equal(tagged, reg.refcount):
-            bad = np.flatnonzero(tagged != reg.refcount)
-            out.append(f"{reg.name}: refcount differs from tagged pages in blocks {bad[:_EXAMPLES].tolist()}")
+            drifted = np.flatnonzero(tagged != reg.refcount)
+            out.append(
+                f"{reg.name}: refcount differs from tagged pages in blocks "
+                f"{drifted[:_EXAMPLES].tolist()}"
+            )
         reserved = (t == TS_RESERVED).all(axis=1)
         partly = (t == TS_RESERVED).any(axis=1) & ~reserved
         if partly.any():
-            out.append(f"{reg.name}: blocks partly reserved: {np.flatnonzero(partly)[:_EXAMPLES].tolist()}")
+            out.append(
+                f"{reg.name}: blocks partly reserved: {np.flatnonzero(partly)[:_EXAMPLES].tolist()}"
+            )
         unreserved_tagged = (tagged > 0) & ~reserved
         if unreserved_tagged.any():
             out.append(
@@ -97,7 +108,9 @@ def check(host: Host) -> list[str]:
                 f"{np.flatnonzero(reserved & (tagged == 0))[:_EXAMPLES].tolist()}"
             )
         if int(reserved.sum()) != reg.nr_reserved:
-            out.append(f"{reg.name}: reserved block count {reg.nr_reserved} != {int(reserved.sum())}")
+            out.append(
+                f"{reg.name}: reserved block count {reg.nr_reserved} != {int(reserved.sum())}"
+            )
         if not np.array_equal((t == TS_LENT).sum(axis=1), reg.lent):
             out.append(f"{reg.name}: lent page counts drifted")
         span_free = (d == TG_FREE).sum(axis=1)
@@ -124,13 +137,18 @@ def check(host: Host) -> list[str]:
         np.add.at(seen, pages, 1)
         wrong_owner = owner[pages] != vm.slot
         if wrong_owner.any():
-            out.append(f"VM {vm.vm_id}: mapped pages owned by someone else: {_examples(pages[wrong_owner])}")
-        if int(np.count_nonzero(owner == vm.slot)) != pages.size:
-            out.append(f"VM {vm.vm_id}: owns {int(np.count_nonzero(owner == vm.slot))} pages but maps {pages.size}")
+            out.append(
+                f"VM {vm.vm_id}: mapped pages owned by someone else: "
+                f"{_examples(pages[wrong_owner])}"
+            )
+        nr_owned = int(np.count_nonzero(owner == vm.slot))
+        if nr_owned != pages.size:
+            out.append(f"VM {vm.vm_id}: owns {nr_owned} pages but maps {pages.size}")
         plugged = np.zeros(vm.stage2.size, dtype=bool)
         plugged[vm.plugged_offsets()] = True
         if not plugged[offs].all():
-            out.append(f"VM {vm.vm_id}: {int((~plugged[offs]).sum())} mapped page(s) outside plugged memory")
+            nr_outside = int((~plugged[offs]).sum())
+            out.append(f"VM {vm.vm_id}: {nr_outside} mapped page(s) outside plugged memory")
         nr_tagged = int(np.count_nonzero(flags[pages] == TG_TAGGED))
         if vm.mapped_pages != pages.size or vm.tagged_pages != nr_tagged:
             out.append(
@@ -143,9 +161,9 @@ def check(host: Host) -> list[str]:
             kinds = flags[pages] >> 2
             if (kinds == 0).any():
                 out.append(f"VM {vm.vm_id}: MTE guest memory on untaggable RAM")
-        if vm.config.mte_enabled and vm.config.tag_policy is TagPolicy.EAGER:
-            if nr_tagged != int(plugged.sum()):
-                out.append(f"VM {vm.vm_id}: EAGER VM with plugged memory not backed tagged")
+        eager = vm.config.mte_enabled and vm.config.tag_policy is TagPolicy.EAGER
+        if eager and nr_tagged != int(plugged.sum()):
+            out.append(f"VM {vm.vm_id}: EAGER VM with plugged memory not backed tagged")
         ts = (flags[pages] >> 2) == KIND_TAG_STORAGE
         if ts.any():
             back = mem.ts_gfn[mem._ts_slot(pages[ts])]
@@ -159,5 +177,7 @@ def check(host: Host) -> list[str]:
     # Tags live only on tagged pages.
     tag_pages = mem.tags.pages
     if tag_pages.size and (flags[tag_pages] != TG_TAGGED).any():
-        out.append(f"tags stored for untagged pages: {_examples(tag_pages[flags[tag_pages] != TG_TAGGED])}")
+        out.append(
+            f"tags stored for untagged pages: {_examples(tag_pages[flags[tag_pages] != TG_TAGGED])}"
+        )
     return out

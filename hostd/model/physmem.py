@@ -129,6 +129,8 @@ class TagRegion:
 
     def block_of_data(self, idx: IndexArray) -> IndexArray:
         """Tag block of data pages: ``rounddown((p - R.start) // 32, block_pages)``."""
+        if self.span_pages & (self.span_pages - 1) == 0:
+            return (idx - self.data.start) >> (self.span_pages.bit_length() - 1)
         return (idx - self.data.start) // self.span_pages
 
     def tag_pages(self, blocks: IndexArray) -> IndexArray:
@@ -150,16 +152,31 @@ def runs(sorted_values: IndexArray) -> tuple[IndexArray, IndexArray]:
     return sorted_values[starts], counts
 
 
-def _sum_by(keys: IndexArray, weights: npt.NDArray[np.int64]) -> tuple[IndexArray, IndexArray]:
-    """Distinct keys and the sum of ``weights`` over each (keys need not be sorted)."""
-    if keys.size and np.any(keys[1:] < keys[:-1]):
-        order = np.argsort(keys, kind="stable")
-        keys, weights = keys[order], weights[order]
-    if keys.size == 0:
-        return keys, weights
-    edges = np.flatnonzero(np.diff(keys)) + 1
-    starts = np.concatenate(([0], edges))
-    return keys[starts], np.add.reduceat(weights, starts)
+def as_slice(idx: IndexArray) -> IndexArray | slice:
+    """``idx`` as a slice when it is one ascending run (fresh allocations usually are), so
+    that reads and writes avoid fancy indexing."""
+    if (
+        idx.size
+        and int(idx[-1]) - int(idx[0]) + 1 == idx.size
+        and (idx.size < 3 or int(idx[idx.size // 2]) == int(idx[0]) + idx.size // 2)
+    ) and (idx.size < 64 or bool(np.all(np.diff(idx[:: max(1, idx.size // 64)]) > 0))):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def _sum_by_block(
+    blocks: IndexArray, weights: npt.NDArray[np.int64]
+) -> tuple[IndexArray, npt.NDArray[np.int32]]:
+    """Distinct blocks of a batch of pages and the sum of ``weights`` over each.
+
+    A batch covers a bounded block range, so a bincount over that range beats sorting.
+    """
+    if blocks.size == 0:
+        return blocks, np.empty(0, np.int32)
+    b0 = int(blocks.min())
+    sums = np.bincount(blocks - b0, weights=weights)
+    present = np.bincount(blocks - b0).nonzero()[0]
+    return present + b0, sums[present].astype(np.int32)
 
 
 class PhysicalMemory:
@@ -258,10 +275,27 @@ class PhysicalMemory:
 
     # ----------------------------------------------------------------- the one state writer
 
+    def _groups(self, idx: IndexArray) -> Iterator[tuple[Segment, IndexArray | slice]]:
+        """The segments ``idx`` touches, with a selector of its entries in each."""
+        lo, hi = int(idx.min()), int(idx.max())
+        first = int(np.searchsorted(self._seg_starts, lo, side="right")) - 1
+        if hi < self.segments[first].end:
+            # Nearly every call stays in one segment: no per-page segment lookup.
+            yield self.segments[first], slice(None)
+            return
+        seg = self.segment_of(idx)
+        for s in np.flatnonzero(np.bincount(seg, minlength=len(self.segments))):
+            yield self.segments[int(s)], seg == s
+
     def _set_flags(
-        self, idx: IndexArray, new: int | npt.NDArray[np.uint8]
+        self,
+        idx: IndexArray,
+        new: int | npt.NDArray[np.uint8] | None = None,
+        *,
+        use: int | None = None,
     ) -> list[tuple[TagRegion, IndexArray]]:
-        """Set page flags and keep every derived count in step.
+        """Set page flags (``new``, or the page's kind with ``use``) and keep every derived
+        count in step: per-segment totals, free hints, per-block refcount / free / lent.
 
         Returns, per region, the tag blocks that now describe tagged pages but are not
         reserved yet: the caller must reserve them (or undo the change). Blocks that lost
@@ -269,60 +303,88 @@ class PhysicalMemory:
         """
         if idx.size == 0:
             return []
-        old = self.flags[idx]
-        new_arr = np.broadcast_to(np.asarray(new, dtype=np.uint8), idx.shape)
-        seg = self.segment_of(idx)
-        nseg = len(self.segments)
-        self.seg_counts -= np.bincount(
-            seg * NR_FLAGS + old, minlength=nseg * NR_FLAGS
-        ).reshape(nseg, NR_FLAGS)
-        self.seg_counts += np.bincount(
-            seg * NR_FLAGS + new_arr, minlength=nseg * NR_FLAGS
-        ).reshape(nseg, NR_FLAGS)
-        self.flags[idx] = new_arr
-
-        for s in np.unique(seg):
-            segment = self.segments[int(s)]
-            in_seg = seg == s
-            freed = in_seg & (new_arr == segment.free_flag) & (old != segment.free_flag)
-            if freed.any():
-                segment.hint = min(segment.hint, int(idx[freed].min()) - segment.start)
-
         pending: list[tuple[TagRegion, IndexArray]] = []
-        for reg in self.regions:
-            d = reg.data
-            in_data = (idx >= d.start) & (idx < d.end)
-            if in_data.any():
-                o, n = old[in_data], new_arr[in_data]
-                d_free = (n == TG_FREE).astype(np.int64) - (o == TG_FREE)
-                d_rc = (n == TG_TAGGED).astype(np.int64) - (o == TG_TAGGED)
-                changed = (d_free != 0) | (d_rc != 0)
-                if changed.any():
-                    blocks = reg.block_of_data(idx[in_data][changed])
-                    ub, sum_free = _sum_by(blocks, d_free[changed])
-                    _, sum_rc = _sum_by(blocks, d_rc[changed])
-                    newly = self._adjust_blocks(reg, ub, sum_rc, sum_free)
-                    if newly.size:
-                        pending.append((reg, newly))
-            t = reg.tag
-            in_tag = (idx >= t.start) & (idx < t.end)
-            if in_tag.any():
-                o, n = old[in_tag], new_arr[in_tag]
-                d_lent = (n == TS_LENT).astype(np.int64) - (o == TS_LENT)
-                if d_lent.any():
-                    nz = d_lent != 0
-                    blocks = (idx[in_tag][nz] - t.start) // reg.block_pages
-                    ub, sums = _sum_by(blocks, d_lent[nz])
-                    reg.lent[ub] += sums.astype(np.int32)
+        for seg, sel in list(self._groups(idx)):
+            i = idx[sel]
+            at = as_slice(i)
+            # A slice gives a view: keep the old flags apart from the write below.
+            o = self.flags[at].copy() if isinstance(at, slice) else self.flags[at]
+            if use is not None:
+                n: int | npt.NDArray[np.uint8] = seg.kind << 2 | use
+            elif isinstance(new, np.ndarray) and new.ndim:
+                n = new[sel]
+            else:
+                n = int(new)  # type: ignore[arg-type]
+            o_first = int(o[0])
+            # A batch whose pages were all in one state (the common case) needs no per-page
+            # deltas: every page contributes the same one.
+            uniform = isinstance(n, int) and int(o.min()) == int(o.max())
+            counts = self.seg_counts[seg.index]
+            if uniform:
+                counts[o_first] -= i.size
+                counts[n] += i.size
+            else:
+                counts -= np.bincount(o, minlength=NR_FLAGS)
+                if isinstance(n, int):
+                    counts[n] += i.size
+                else:
+                    counts += np.bincount(n, minlength=NR_FLAGS)
+            self.flags[at] = n
+            if uniform:
+                if o_first != seg.free_flag and n == seg.free_flag:
+                    seg.hint = min(seg.hint, int(i.min()) - seg.start)
+            else:
+                freed = (o != seg.free_flag) & (n == seg.free_flag)
+                if np.any(freed):
+                    seg.hint = min(seg.hint, int(i[freed].min()) - seg.start)
+            if seg.kind == KIND_TAGGABLE:
+                reg = self.regions[seg.region]
+                d_free: int | IndexArray
+                d_rc: int | IndexArray
+                if uniform:
+                    d_free = int(n == TG_FREE) - int(o_first == TG_FREE)
+                    d_rc = int(n == TG_TAGGED) - int(o_first == TG_TAGGED)
+                    if d_free == 0 and d_rc == 0:
+                        continue
+                else:
+                    d_free = np.asarray(n == TG_FREE, dtype=np.int64) - (o == TG_FREE)
+                    d_rc = np.asarray(n == TG_TAGGED, dtype=np.int64) - (o == TG_TAGGED)
+                newly = self._adjust_blocks(reg, reg.block_of_data(i), d_rc, d_free)
+                if newly.size:
+                    pending.append((reg, newly))
+            elif seg.kind == KIND_TAG_STORAGE:
+                reg = self.regions[seg.region]
+                d_lent = np.asarray(n == TS_LENT, dtype=np.int64) - (o == TS_LENT)
+                if np.any(d_lent):
+                    blocks, sums = _sum_by_block((i - seg.start) // reg.block_pages, d_lent)
+                    reg.lent[blocks] += sums
         return pending
 
     def _adjust_blocks(
-        self, reg: TagRegion, blocks: IndexArray, d_rc: IndexArray, d_free: IndexArray
+        self,
+        reg: TagRegion,
+        page_blocks: IndexArray,
+        d_rc: int | IndexArray,
+        d_free: int | IndexArray,
     ) -> IndexArray:
+        """Apply per-page refcount / free deltas (one per page, or one for all) to their
+        blocks; release emptied blocks and return the blocks that became referenced."""
+        b0 = int(page_blocks.min())
+        rel = page_blocks - b0
+        per_block = np.bincount(rel)
+        present = np.flatnonzero(per_block)
+        blocks = present + b0
+        sums = []
+        for d in (d_rc, d_free):
+            if isinstance(d, int):
+                sums.append(per_block[present].astype(np.int32) * np.int32(d))
+            else:
+                sums.append(np.bincount(rel, weights=d)[present].astype(np.int32))
+        sum_rc, sum_free = sums
         rc_old = reg.refcount[blocks]
         free_old = reg.span_free[blocks]
-        rc_new = rc_old + d_rc.astype(np.int32)
-        free_new = free_old + d_free.astype(np.int32)
+        rc_new = rc_old + sum_rc
+        free_new = free_old + sum_free
         reg.refcount[blocks] = rc_new
         reg.span_free[blocks] = free_new
         partial_old = (rc_old > 0) & (free_old > 0)
@@ -349,13 +411,12 @@ class PhysicalMemory:
         gfn_offs: IndexArray | None,
     ) -> list[tuple[TagRegion, IndexArray]]:
         """Give free pages an owner and a use; record the gfn of pages in tag storage."""
-        kinds = self.flags[idx] >> 2
-        self.owner[idx] = owner
-        if gfn_offs is not None:
-            in_ts = kinds == KIND_TAG_STORAGE
-            if in_ts.any():
-                self.ts_gfn[self._ts_slot(idx[in_ts])] = gfn_offs[in_ts]
-        return self._set_flags(idx, (kinds << 2 | use).astype(np.uint8))
+        self.owner[as_slice(idx)] = owner
+        if gfn_offs is not None and idx.size:
+            for seg, sel in self._groups(idx):
+                if seg.kind == KIND_TAG_STORAGE:
+                    self.ts_gfn[idx[sel] - seg.start + seg.ts_offset] = gfn_offs[sel]
+        return self._set_flags(idx, use=use)
 
     def _ts_slot(self, idx: IndexArray) -> IndexArray:
         """Offsets into the tag storage reverse map of tag storage page indices."""
@@ -438,9 +499,7 @@ class PhysicalMemory:
 
     # ----------------------------------------------------------------- tagged allocation
 
-    def alloc_tagged(
-        self, n: int, owner: int, gfn_offs: IndexArray
-    ) -> tuple[IndexArray, int, int]:
+    def alloc_tagged(self, n: int, owner: int, gfn_offs: IndexArray) -> tuple[IndexArray, int, int]:
         """Allocate ``n`` taggable pages and reserve the tag blocks that describe them.
 
         Returns ``(pages, tag blocks reserved, replays)``. A page whose block cannot be
@@ -496,7 +555,9 @@ class PhysicalMemory:
                 nr_pages=n,
             )
         if replays:
-            self.counters.add(self.counters.page_migrations, MigrationReason.RESERVE_FAILED.value, replays)
+            self.counters.add(
+                self.counters.page_migrations, MigrationReason.RESERVE_FAILED.value, replays
+            )
             self.counters.fault_replays += replays
         return pages, reserved, replays
 
@@ -547,7 +608,9 @@ class PhysicalMemory:
                 break
             excl = excluded.get(reg.index)
 
-            def unreserved(r: TagRegion, lo: int, hi: int, excl: IndexArray | None = excl):
+            def unreserved(
+                r: TagRegion, lo: int, hi: int, excl: IndexArray | None = excl
+            ) -> npt.NDArray[np.bool_]:
                 m = (r.span_free[lo:hi] > 0) & (r.refcount[lo:hi] == 0)
                 if excl is not None and excl.size:
                     m &= ~np.isin(np.arange(lo, hi), excl)
@@ -574,8 +637,11 @@ class PhysicalMemory:
         for reg, blocks in chosen:
             if got >= need or blocks.size == 0:
                 continue
-            span = reg.data_pages(blocks).ravel()
-            free = span[self.flags[span] == TG_FREE][: need - got]
+            if bool((reg.span_free[blocks] == reg.span_pages).all()):
+                free = reg.data_pages(blocks).ravel()[: need - got]
+            else:
+                span = reg.data_pages(blocks).ravel()
+                free = span[self.flags[span] == TG_FREE][: need - got]
             pages.append(free)
             got += free.size
         return np.concatenate(pages) if pages else np.empty(0, np.int64)
@@ -757,12 +823,14 @@ class PhysicalMemory:
             return
         self.tags.discard(idx)
         self.owner[idx] = NO_OWNER
-        self._set_flags(idx, ((self.flags[idx] >> 2) << 2).astype(np.uint8))
+        self._set_flags(idx, use=USE_FREE)
 
     # ----------------------------------------------------------------- views
 
     def usage(self, segments: list[Segment] | None = None) -> MemoryUsage:
-        counts = self.seg_counts if segments is None else self.seg_counts[[s.index for s in segments]]
+        counts = (
+            self.seg_counts if segments is None else self.seg_counts[[s.index for s in segments]]
+        )
         c = counts.sum(axis=0)
         b = self.bytes_of
         return MemoryUsage(

@@ -22,6 +22,7 @@ Any error names the field and the value; the host refuses to start on it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import tomllib
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from hostd.model.errors import ConfigError
-from hostd.model.types import GiB, KiB, MiB, TAG_STORAGE_RATIO, TagStorageMode
+from hostd.model.types import TAG_STORAGE_RATIO, GiB, KiB, MiB, TagStorageMode
 
 PAGE_SIZES_BYTES = (4 * KiB, 16 * KiB, 64 * KiB)
 MAX_TAG_REGIONS = 32  # v3's MAX_TAG_REGIONS
@@ -203,9 +204,7 @@ def _check_region(region: TagRegionConfig, page_size: int, where: str) -> None:
         )
 
 
-def _check_no_overlap(
-    regions: list[TagRegionConfig], untagged: list[UntaggedRangeConfig]
-) -> None:
+def _check_no_overlap(regions: list[TagRegionConfig], untagged: list[UntaggedRangeConfig]) -> None:
     spans: list[tuple[int, int, str]] = []
     for i, r in enumerate(regions):
         spans.append((r.memory_base, r.memory_size_bytes, f"tag_region[{i}].memory_base"))
@@ -213,7 +212,7 @@ def _check_no_overlap(
     for i, u in enumerate(untagged):
         spans.append((u.base, u.size_bytes, f"untagged_range[{i}].base"))
     spans.sort()
-    for (a_base, a_size, a_name), (b_base, _, b_name) in zip(spans, spans[1:]):
+    for (a_base, a_size, a_name), (b_base, _, b_name) in itertools.pairwise(spans):
         if a_base + a_size > b_base:
             raise ConfigError(b_name, b_base, f"overlaps {a_name.rsplit('.', 1)[0]}")
 

@@ -130,7 +130,9 @@ class Vm:
             BOOT_RAM_DEVICE_ID, MemoryDeviceKind.BOOT_RAM, BOOT_RAM_GPA, config.boot_memory_bytes
         )
         span = cls.device_area(config)[1] - BOOT_RAM_GPA
-        return cls(slot, config, page_size, {boot.device_id: boot}, np.zeros(span // page_size, np.uint32))
+        return cls(
+            slot, config, page_size, {boot.device_id: boot}, np.zeros(span // page_size, np.uint32)
+        )
 
     @staticmethod
     def device_area(config: VmConfig) -> tuple[int, int]:
@@ -157,7 +159,9 @@ class Vm:
         return offs + BOOT_RAM_GPA // self.page_size
 
     def device_bytes(self) -> int:
-        return sum(d.size_bytes for d in self.devices.values() if d.kind is not MemoryDeviceKind.BOOT_RAM)
+        return sum(
+            d.size_bytes for d in self.devices.values() if d.kind is not MemoryDeviceKind.BOOT_RAM
+        )
 
     def nr_dimms(self) -> int:
         return sum(d.kind is MemoryDeviceKind.DIMM for d in self.devices.values())
