@@ -300,12 +300,16 @@ class Host:
     def list_vms(self) -> list[VmStatus]:
         return [self._vm_status(vm) for vm in sorted(self._vms.values(), key=lambda v: v.vm_id)]
 
-    def destroy_vm(self, vm_id: str) -> None:
-        """Destroy a VM: every page, tag and tag block it held goes back to the host."""
+    def destroy_vm(self, vm_id: str) -> VmStatus:
+        """Destroy a VM: every page, tag and tag block it held goes back to the host.
+
+        Returns the VM as it was just before (its final mapped and tagged bytes)."""
         vm = self._vm(vm_id)
+        final = self._vm_status(vm)
         self._unmap(vm, np.flatnonzero(vm.stage2).astype(np.int64))
         self._forget_vm(vm)
         self._emit(Event(EVENT_VM_DESTROYED, vm_id=vm_id))
+        return final
 
     def _vm_status(self, vm: Vm) -> VmStatus:
         regions = [

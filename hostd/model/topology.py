@@ -71,7 +71,13 @@ def parse_size(field: str, value: object) -> int:
         m = _SIZE_RE.match(value)
         unit = m.group(2).lower() if m else ""
         if m and unit in _UNITS:
-            return int(m.group(1).replace("_", ""), 0) * _UNITS[unit]
+            digits = m.group(1).replace("_", "")
+            # Decimal unless 0x: "08K" is 8 KiB, not an invalid octal literal.
+            return (
+                int(digits, 16) * _UNITS[unit]
+                if digits[:2] in ("0x", "0X")
+                else int(digits, 10) * _UNITS[unit]
+            )
     raise ConfigError(field, value, "expected a size such as 4096, '4K', '2MiB' or '1TiB'")
 
 

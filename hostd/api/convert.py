@@ -1,0 +1,320 @@
+"""Pure conversions between ``tagstore.v1`` messages and model values.
+
+Proto → model conversions also validate what only the wire format can get wrong: an enum left
+UNSPECIFIED or unknown to this server, a oneof left empty. They raise the model's own
+:class:`~hostd.model.errors.InvalidArgumentError` naming the proto field, so that the one error
+mapping (:mod:`hostd.api.errors`) covers them too.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from hostd.model.errors import InvalidArgumentError
+from hostd.model.events import Event
+from hostd.model.types import (
+    Access,
+    FaultResult,
+    HostExport,
+    HostStatus,
+    MemoryDeviceKind,
+    MemoryDeviceStatus,
+    MemoryUsage,
+    PageState,
+    RegionStatus,
+    TagCopyDirection,
+    TagPolicy,
+    VirtioMemAnswer,
+    VirtioMemConfig,
+    VirtioMemRequestType,
+    VmConfig,
+    VmStatus,
+)
+from tagstore.v1 import tagstore_pb2 as pb
+
+E = TypeVar("E", bound=enum.Enum)
+M = TypeVar("M", bound=Message)
+
+# Export chunks stay well below gRPC's default 4 MiB message limit (and the contract's ~1 MiB).
+EXPORT_CHUNK_BYTES = 512 * 1024
+# Per-item framing overhead inside a repeated field (tag + length varint), generously rounded.
+_ITEM_OVERHEAD_BYTES = 6
+
+
+def _from_proto_enum(
+    field: str, value: int, proto_enum: Any, prefix: str, model_enum: type[E]
+) -> E:
+    """The model enum member for a proto enum value; UNSPECIFIED or unknown is refused."""
+    try:
+        name = proto_enum.Name(value)
+    except ValueError:
+        raise InvalidArgumentError(field, value, "unknown enum value") from None
+    member = name.removeprefix(prefix)
+    if member == "UNSPECIFIED" or member not in model_enum.__members__:
+        raise InvalidArgumentError(field, name, "required: set one of the defined values")
+    return model_enum[member]
+
+
+def _to_proto_enum(prefix: str, member: enum.Enum) -> str:
+    """The proto enum value name for a model enum member (constructors accept names)."""
+    return prefix + member.name
+
+
+# -- requests (proto -> model) ------------------------------------------------------------------
+
+
+def tag_policy_from_proto(request: pb.CreateVmRequest) -> TagPolicy:
+    """The VM's tag policy; a VM without MTE ignores it, so UNSPECIFIED is allowed there."""
+    if not request.mte_enabled and request.tag_policy == pb.TAG_POLICY_UNSPECIFIED:
+        return TagPolicy.ON_FAULT
+    return _from_proto_enum(
+        "tag_policy", request.tag_policy, pb.TagPolicy, "TAG_POLICY_", TagPolicy
+    )
+
+
+def vm_config_from_proto(request: pb.CreateVmRequest) -> VmConfig:
+    """The model's ``VmConfig`` for a ``CreateVmRequest`` (values are checked by the model)."""
+    return VmConfig(
+        vm_id=request.vm_id,
+        mte_enabled=request.mte_enabled,
+        tag_policy=tag_policy_from_proto(request),
+        boot_memory_bytes=request.boot_memory_bytes,
+        dimm_slots=request.dimm_slots,
+        max_memory_bytes=request.max_memory_bytes,
+    )
+
+
+def access_from_proto(value: int) -> Access:
+    """``Access`` for ``GuestFaultRequest.access``."""
+    return _from_proto_enum("access", value, pb.Access, "ACCESS_", Access)
+
+
+def direction_from_proto(value: int) -> TagCopyDirection:
+    """``TagCopyDirection`` for ``CopyTagsRequest.direction``."""
+    return _from_proto_enum(
+        "direction", value, pb.TagCopyDirection, "TAG_COPY_DIRECTION_", TagCopyDirection
+    )
+
+
+def virtio_mem_request_type_from_proto(value: int) -> VirtioMemRequestType:
+    """``VirtioMemRequestType`` for ``VirtioMemRequestRequest.type``."""
+    return _from_proto_enum(
+        "type", value, pb.VirtioMemRequestType, "VIRTIO_MEM_REQUEST_TYPE_", VirtioMemRequestType
+    )
+
+
+def virtio_mem_config_from_proto(config: pb.VirtioMemConfig) -> VirtioMemConfig:
+    """The model's ``VirtioMemConfig`` (sizes are checked by the model)."""
+    return VirtioMemConfig(
+        region_size_bytes=config.region_size,
+        block_size_bytes=config.block_size,
+        requested_size_bytes=config.requested_size,
+    )
+
+
+def memory_device_kind_of(request: pb.AddMemoryDeviceRequest) -> str:
+    """Which member of the ``device`` oneof is set (``dimm`` or ``virtio_mem``); one must be."""
+    kind = request.WhichOneof("device")
+    if kind is None:
+        raise InvalidArgumentError("device", "<unset>", "required: set dimm or virtio_mem")
+    return kind
+
+
+# -- results (model -> proto) -------------------------------------------------------------------
+
+
+def _usage_fields(usage: MemoryUsage) -> dict[str, int]:
+    """The API's usage fields: free includes free tag storage, data includes lent tag storage."""
+    return {
+        "total_bytes": usage.total_bytes,
+        "free_bytes": usage.all_free_bytes,
+        "data_bytes": usage.all_data_bytes,
+        "tagged_bytes": usage.tagged_bytes,
+        "tag_storage_bytes": usage.tag_storage_bytes,
+        "tag_reserved_bytes": usage.tag_reserved_bytes,
+        "tag_lent_bytes": usage.tag_lent_bytes,
+    }
+
+
+def region_to_proto(region: RegionStatus) -> pb.Region:
+    """``Region`` message for a model ``RegionStatus``."""
+    return pb.Region(
+        index=region.index,
+        name=region.name,
+        memory_base=region.memory_base,
+        memory_size=region.memory_size_bytes,
+        tag_base=region.tag_base,
+        tag_size=region.tag_size_bytes,
+        block_size=region.block_size_bytes,
+        tag_blocks_total=region.tag_blocks_total,
+        tag_blocks_reserved=region.tag_blocks_reserved,
+        tag_blocks_min_needed=region.tag_blocks_min_needed,
+        tagged_capacity_bytes=region.tagged_capacity_bytes,
+        **_usage_fields(region.usage),
+    )
+
+
+def host_status_to_proto(status: HostStatus) -> pb.HostStatus:
+    """``HostStatus`` message for the model's ``HostStatus``."""
+    return pb.HostStatus(
+        page_size=status.page_size_bytes,
+        mte_perm=status.mte_perm,
+        tag_storage_mode=_to_proto_enum("TAG_STORAGE_MODE_", status.tag_storage_mode),
+        placement=_to_proto_enum("PLACEMENT_", status.placement),
+        regions=[region_to_proto(r) for r in status.regions],
+        tag_blocks_reserved=status.tag_blocks_reserved,
+        tag_blocks_min_needed=status.tag_blocks_min_needed,
+        vm_count=status.vm_count,
+        tagged_capacity_bytes=status.tagged_capacity_bytes,
+        **_usage_fields(status.usage),
+    )
+
+
+def memory_device_to_proto(device: MemoryDeviceStatus) -> pb.MemoryDevice:
+    """``MemoryDevice`` message; device details use the device's own names (``addr``, ...)."""
+    message = pb.MemoryDevice(
+        device_id=device.device_id,
+        kind=_to_proto_enum("MEMORY_DEVICE_KIND_", device.kind),
+        gpa=device.gpa,
+        size=device.size_bytes,
+        plugged_size=device.plugged_bytes,
+        mapped_bytes=device.mapped_bytes,
+        tagged_bytes=device.tagged_bytes,
+    )
+    if device.kind is MemoryDeviceKind.DIMM:
+        message.dimm.CopyFrom(pb.DimmDevice(addr=device.gpa, size=device.size_bytes))
+    elif device.kind is MemoryDeviceKind.VIRTIO_MEM:
+        message.virtio_mem.CopyFrom(
+            pb.VirtioMemDevice(
+                addr=device.gpa,
+                region_size=device.size_bytes,
+                usable_region_size=device.usable_region_size_bytes,
+                block_size=device.block_size_bytes,
+                plugged_size=device.plugged_bytes,
+                requested_size=device.requested_size_bytes,
+            )
+        )
+    return message
+
+
+def vm_to_proto(vm: VmStatus) -> pb.Vm:
+    """``Vm`` message for the model's ``VmStatus``."""
+    return pb.Vm(
+        vm_id=vm.vm_id,
+        mte_enabled=vm.mte_enabled,
+        tag_policy=_to_proto_enum("TAG_POLICY_", vm.tag_policy),
+        boot_memory_bytes=vm.boot_memory_bytes,
+        dimm_slots=vm.dimm_slots,
+        max_memory_bytes=vm.max_memory_bytes,
+        mapped_bytes=vm.mapped_bytes,
+        tagged_bytes=vm.tagged_bytes,
+        regions=[memory_device_to_proto(r) for r in vm.regions],
+    )
+
+
+def fault_result_to_proto(result: FaultResult) -> pb.GuestFaultResponse:
+    """``GuestFaultResponse`` for the model's ``FaultResult``."""
+    return pb.GuestFaultResponse(
+        newly_mapped_pages=result.newly_mapped_pages,
+        tag_blocks_reserved=result.tag_blocks_reserved,
+        pages_migrated=result.pages_migrated,
+        replays=result.replays,
+    )
+
+
+def virtio_mem_answer_to_proto(answer: VirtioMemAnswer) -> pb.VirtioMemRequestResponse:
+    """``VirtioMemRequestResponse`` for the device's answer (``state`` only for STATE)."""
+    return pb.VirtioMemRequestResponse(
+        response=_to_proto_enum("VIRTIO_MEM_RESPONSE_", answer.response),
+        state=(
+            _to_proto_enum("VIRTIO_MEM_BLOCK_STATE_", answer.state)
+            if answer.state is not None
+            else "VIRTIO_MEM_BLOCK_STATE_UNSPECIFIED"
+        ),
+    )
+
+
+def event_to_proto(event: Event, sequence: int) -> pb.Event:
+    """``Event`` message for a model event, numbered ``sequence`` within its stream."""
+    return pb.Event(
+        kind=event.kind,
+        vm_id=event.vm_id,
+        device_id=event.device_id,
+        region=event.region,
+        count=event.count,
+        seconds=event.seconds,
+        detail=event.detail,
+        sequence=sequence,
+    )
+
+
+def _page_state_to_proto(state: PageState) -> str:
+    return _to_proto_enum("PAGE_STATE_", state)
+
+
+def _chunks(items: Sequence[M]) -> Iterator[list[M]]:
+    """Consecutive slices of ``items`` whose encoded size stays under ``EXPORT_CHUNK_BYTES``."""
+    chunk: list[M] = []
+    size = 0
+    for item in items:
+        item_size = item.ByteSize() + _ITEM_OVERHEAD_BYTES
+        if chunk and size + item_size > EXPORT_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item_size
+    if chunk:
+        yield chunk
+
+
+def export_to_proto(export: HostExport, page_size_bytes: int) -> list[pb.ExportStateResponse]:
+    """The whole ``ExportState`` stream: a header, then chunks of extents, blocks and runs."""
+    extents = [
+        pb.PageExtent(
+            pfn_start=e.pfn_start,
+            count=e.count,
+            state=_page_state_to_proto(e.state),
+            vm_id=e.vm_id,
+            gfn_start=e.gfn_start,
+        )
+        for e in export.page_extents
+    ]
+    blocks = [
+        pb.ReservedTagBlock(
+            region=b.region, tag_pfn_start=b.tag_pfn_start, nr_pages=b.nr_pages, refcount=b.refcount
+        )
+        for b in export.reserved_tag_blocks
+    ]
+    runs = [
+        pb.MappingRun(
+            vm_id=r.vm_id,
+            gfn_start=r.gfn_start,
+            pfn_start=r.pfn_start,
+            count=r.count,
+            tagged=r.tagged,
+        )
+        for r in export.mapping_runs
+    ]
+    messages = [
+        pb.ExportStateResponse(
+            header=pb.ExportHeader(
+                page_size=page_size_bytes,
+                page_extent_count=len(extents),
+                reserved_tag_block_count=len(blocks),
+                mapping_run_count=len(runs),
+            )
+        )
+    ]
+    messages += [
+        pb.ExportStateResponse(page_extents=pb.PageExtents(extents=c)) for c in _chunks(extents)
+    ]
+    messages += [
+        pb.ExportStateResponse(reserved_tag_blocks=pb.ReservedTagBlocks(blocks=c))
+        for c in _chunks(blocks)
+    ]
+    messages += [pb.ExportStateResponse(mapping_runs=pb.MappingRuns(runs=c)) for c in _chunks(runs)]
+    return messages

@@ -1,0 +1,196 @@
+"""Shared fixtures, layered by lifecycle: ``hostd_process`` (a factory that starts the real
+daemon as a subprocess) → ``daemon`` (one running daemon per module) → ``stub`` → ``vm``.
+
+The daemon is always ``python -m hostd serve`` on a unix socket in a short temp dir (socket paths
+are limited to 107 bytes, pytest's tmp_path can be longer), with a small host (``--memory 4GiB``)
+and metrics off unless a test asks for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tagstore.v1 import tagstore_pb2 as pb
+from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Generous: it bounds how long a broken daemon can hang a test, it is not a performance claim.
+STARTUP_TIMEOUT_S = 30.0
+BOOT_RAM_GPA = 0x4000_0000
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass
+class HostdProcess:
+    """A running ``hostd serve`` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    stderr_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def stderr(self) -> str:
+        """Everything the daemon logged so far."""
+        return self.stderr_path.read_text(errors="replace")
+
+    def channel(self) -> grpc.Channel:
+        """A new channel to the daemon (close it, or use it as a context manager)."""
+        return grpc.insecure_channel(self.address)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the daemon process (by its pid)."""
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = STARTUP_TIMEOUT_S) -> int:
+        """Wait for the daemon to exit; returns its exit code."""
+        return self.proc.wait(timeout)
+
+
+def run_hostd(*args: str, timeout: float = STARTUP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m hostd ARGS`` to completion (for commands that exit on their own)."""
+    return subprocess.run(
+        [sys.executable, "-m", "hostd", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Block until the daemon's health service answers SERVING (fail if the process dies)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise AssertionError(f"hostd did not start (exit code {proc.poll()})") from None
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="session")
+def short_tmp() -> Iterator[Path]:
+    """A short directory for unix sockets."""
+    path = Path(tempfile.mkdtemp(prefix="hostd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hostd_process(short_tmp: Path) -> Iterator[Callable[..., HostdProcess]]:
+    """Factory: ``hostd_process(*extra_args, wait=True)`` starts a daemon and returns it.
+
+    Defaults: a fresh unix socket, ``--memory 4GiB``, metrics off. Pass ``--listen`` or
+    ``--memory`` in ``extra_args`` to override. Every daemon still running at the end of the
+    session is killed (by its pid).
+    """
+    started: list[HostdProcess] = []
+    counter = itertools.count()
+
+    def start(*extra_args: str, wait: bool = True) -> HostdProcess:
+        n = next(counter)
+        args = list(extra_args)
+        if "--listen" not in args:
+            args += ["--listen", f"unix:{short_tmp}/hostd-{n}.sock"]
+        if "--memory" not in args and "--config" not in args:
+            args += ["--memory", "4GiB"]
+        if "--metrics-listen" not in args:
+            args += ["--metrics-listen", ""]
+        address = args[args.index("--listen") + 1]
+        stderr_path = short_tmp / f"hostd-{n}.log"
+        with open(stderr_path, "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hostd", "serve", *args],
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        daemon = HostdProcess(proc, address, stderr_path, args)
+        started.append(daemon)
+        if wait:
+            try:
+                wait_serving(address, proc, STARTUP_TIMEOUT_S)
+            except Exception as e:
+                raise AssertionError(f"{e}\n--- hostd stderr ---\n{daemon.stderr()}") from None
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def daemon(hostd_process: Callable[..., HostdProcess]) -> Iterator[HostdProcess]:
+    """One daemon shared by a test module (tests use distinct VM ids)."""
+    process = hostd_process()
+    yield process
+    if process.proc.poll() is None:
+        process.signal(signal.SIGTERM)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def stub(daemon: HostdProcess) -> Iterator[pb_grpc.TagStorageStub]:
+    """A TagStorage client of the module's daemon."""
+    with daemon.channel() as channel:
+        yield pb_grpc.TagStorageStub(channel)
+
+
+_vm_ids = itertools.count()
+
+
+@pytest.fixture
+def vm_id(request: pytest.FixtureRequest) -> str:
+    """A VM id unique in the session, derived from the test name."""
+    name = request.node.name.removeprefix("test_").replace("[", "-").replace("]", "")
+    return f"{name[:50]}-{next(_vm_ids)}".replace("_", "-")
+
+
+@pytest.fixture
+def vm(stub: pb_grpc.TagStorageStub, vm_id: str) -> pb.Vm:
+    """An MTE VM (ON_FAULT) with 64 MiB of boot RAM, 2 DIMM slots and 1 GiB of device memory."""
+    return stub.CreateVm(
+        pb.CreateVmRequest(
+            vm_id=vm_id,
+            mte_enabled=True,
+            tag_policy=pb.TAG_POLICY_ON_FAULT,
+            boot_memory_bytes=64 * MiB,
+            dimm_slots=2,
+            max_memory_bytes=64 * MiB + GiB,
+        )
+    )
+
+
+@pytest.fixture
+def vm_with_virtio_mem(stub: pb_grpc.TagStorageStub, vm: pb.Vm) -> tuple[pb.Vm, pb.MemoryDevice]:
+    """``vm`` plus a 256 MiB virtio-mem device (2 MiB blocks) with 16 MiB requested."""
+    device = stub.AddMemoryDevice(
+        pb.AddMemoryDeviceRequest(
+            vm_id=vm.vm_id,
+            device_id="vmem0",
+            virtio_mem=pb.VirtioMemConfig(
+                region_size=256 * MiB, block_size=2 * MiB, requested_size=16 * MiB
+            ),
+        )
+    )
+    return vm, device
