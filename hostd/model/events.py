@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
-    """One thing that happened. ``kind`` is one of the ``EVENT_*`` names below."""
+    """One thing that happened (read-only by convention: a fault emits one, so it is a cheap
+    slotted record). ``kind`` is one of the ``EVENT_*`` names below."""
 
     kind: str
     vm_id: str = ""

@@ -19,6 +19,7 @@ from hostd.model import invariants
 from hostd.model.errors import (
     RESOURCE_DIMM_SLOTS,
     RESOURCE_GUEST_ADDRESS_SPACE,
+    RESOURCE_TAGGABLE_MEMORY,
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -189,6 +190,9 @@ class Host:
         if length_bytes > max_bytes:
             raise InvalidArgumentError("length", length_bytes, f"at most {max_bytes:#x} per call")
         nr = length_bytes // ps
+        first = vm.gfn_offset(gpa)
+        if self._plugged_in_one_device(vm, gpa, length_bytes):
+            return np.arange(first, first + nr, dtype=np.int64)
         plugged = vm.plugged_mask(gpa, nr)
         if not plugged.all():
             bad = gpa + int(np.flatnonzero(~plugged)[0]) * ps
@@ -198,8 +202,20 @@ class Host:
                 vm_id=vm.vm_id,
                 gpa=bad,
             )
-        first = vm.gfn_offset(gpa)
         return np.arange(first, first + nr, dtype=np.int64)
+
+    @staticmethod
+    def _plugged_in_one_device(vm: Vm, gpa: int, length_bytes: int) -> bool:
+        """Whether the range lies in one device and is plugged: the common case, answered
+        without building a per-page mask."""
+        dev = vm.device_at(gpa)
+        if dev is None or gpa + length_bytes > dev.end:
+            return False
+        if not dev.is_virtio_mem:
+            return True
+        first = (gpa - dev.gpa) // dev.block_size_bytes
+        last = (gpa + length_bytes - 1 - dev.gpa) // dev.block_size_bytes
+        return bool(dev.plugged[first : last + 1].all())
 
     # ----------------------------------------------------------------- mapping
 
@@ -580,22 +596,32 @@ class Host:
             return result
         finally:
             self.counters.add(self.counters.faults, (access.value, outcome))
-            self._emit(
-                Event(
-                    EVENT_FAULT,
-                    vm_id=vm_id,
-                    seconds=time.perf_counter() - t0,
-                    detail={"access": access.value, "outcome": outcome},
+            if self._subscribers:
+                self._emit(
+                    Event(
+                        EVENT_FAULT,
+                        vm_id=vm_id,
+                        seconds=time.perf_counter() - t0,
+                        detail={"access": access.value, "outcome": outcome},
+                    )
                 )
-            )
 
     def _fault(self, vm: Vm, offs: IndexArray, access: Access) -> FaultResult:
         s2 = vm.stage2[as_slice(offs)]
-        unmapped = offs[s2 == 0]
         cfg = vm.config
-        if not cfg.mte_enabled or (
-            cfg.tag_policy is TagPolicy.ON_TAG_ACCESS and access is not Access.TAG
+        needs_tags = cfg.mte_enabled and (
+            cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS or access is Access.TAG
+        )
+        if s2.all() and (
+            cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
+            or not needs_tags
+            or bool((self.mem.flags[s2.astype(np.int64) - 1] == TG_TAGGED).all())
         ):
+            # Already mapped as the policy wants (ON_FAULT / EAGER pages are tagged from their
+            # first fault): the hot path of a fault that raced with another vCPU's.
+            return FaultResult()
+        unmapped = offs[s2 == 0]
+        if not needs_tags:
             # Untagged memory; an MTE guest's stays on MTE-capable RAM (may be lent tag storage).
             pages = self.mem.alloc_untagged(
                 unmapped.size, vm.slot, unmapped, mte_capable_only=cfg.mte_enabled
@@ -611,6 +637,16 @@ class Host:
             src_offs = offs[mapped]
             fl = self.mem.flags[src]
             in_place = fl == TG_DATA
+            must_alloc = unmapped.size + int(np.count_nonzero((fl != TG_TAGGED) & ~in_place))
+            available = self.mem.free_pages(TG_FREE)
+            if must_alloc > available:
+                # Refuse before tagging anything in place: a refused fault changes nothing.
+                raise ResourceExhaustedError(
+                    RESOURCE_TAGGABLE_MEMORY,
+                    f"need {must_alloc} free taggable pages, {available} available",
+                    nr_pages=must_alloc,
+                    available_pages=available,
+                )
             failed, nr_reserved = self.mem.make_tagged(src[in_place])
             reserved += nr_reserved
             vm.tagged_pages += int(in_place.sum()) - failed.size

@@ -161,6 +161,11 @@ def check(host: Host) -> list[str]:
             kinds = flags[pages] >> 2
             if (kinds == 0).any():
                 out.append(f"VM {vm.vm_id}: MTE guest memory on untaggable RAM")
+        tagged_on_fault = vm.config.mte_enabled and vm.config.tag_policy is not (
+            TagPolicy.ON_TAG_ACCESS
+        )
+        if tagged_on_fault and nr_tagged != pages.size:
+            out.append(f"VM {vm.vm_id}: {vm.config.tag_policy.value} VM with untagged pages")
         eager = vm.config.mte_enabled and vm.config.tag_policy is TagPolicy.EAGER
         if eager and nr_tagged != int(plugged.sum()):
             out.append(f"VM {vm.vm_id}: EAGER VM with plugged memory not backed tagged")

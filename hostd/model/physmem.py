@@ -153,15 +153,15 @@ def runs(sorted_values: IndexArray) -> tuple[IndexArray, IndexArray]:
 
 
 def as_slice(idx: IndexArray) -> IndexArray | slice:
-    """``idx`` as a slice when it is one ascending run (fresh allocations usually are), so
-    that reads and writes avoid fancy indexing."""
-    if (
-        idx.size
-        and int(idx[-1]) - int(idx[0]) + 1 == idx.size
-        and (idx.size < 3 or int(idx[idx.size // 2]) == int(idx[0]) + idx.size // 2)
-    ) and (idx.size < 64 or bool(np.all(np.diff(idx[:: max(1, idx.size // 64)]) > 0))):
-        return slice(int(idx[0]), int(idx[-1]) + 1)
-    return idx
+    """``idx`` as a slice when it is exactly one ascending run (fresh allocations usually
+    are), so that reads and writes avoid fancy indexing."""
+    n = idx.size
+    if n == 0:
+        return idx
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 != n or (n > 2 and not bool((idx[1:] > idx[:-1]).all())):
+        return idx
+    return slice(first, last + 1)
 
 
 def _sum_by_block(
@@ -724,7 +724,10 @@ class PhysicalMemory:
             need_mte = (lent_mask & self.mte_owner[lent_owner]).sum(axis=1)
             cap_mte = self.free_pages(TG_FREE) + self.free_pages(TS_FREE)
             cap_any = cap_mte + self.free_pages(UT_FREE)
+            # Only blocks with lent data draw on the room to evacuate into; a block that needs
+            # no evacuation is reserved whatever happens to the others.
             ok = (np.cumsum(need_any) <= cap_any) & (np.cumsum(need_mte) <= cap_mte)
+            ok |= need_any == 0
             src = tag_idx[ok][lent_mask[ok]]
             evacuated = int(src.size)
             if evacuated:

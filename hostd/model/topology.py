@@ -72,12 +72,12 @@ def parse_size(field: str, value: object) -> int:
         unit = m.group(2).lower() if m else ""
         if m and unit in _UNITS:
             digits = m.group(1).replace("_", "")
-            # Decimal unless 0x: "08K" is 8 KiB, not an invalid octal literal.
-            return (
-                int(digits, 16) * _UNITS[unit]
-                if digits[:2] in ("0x", "0X")
-                else int(digits, 10) * _UNITS[unit]
-            )
+            hexa = digits[:2] in ("0x", "0X")
+            try:
+                # Decimal unless 0x: "08K" is 8 KiB, not an invalid octal literal.
+                return int(digits[2:] if hexa else digits, 16 if hexa else 10) * _UNITS[unit]
+            except ValueError:
+                pass  # no digits at all, e.g. "_" or "0x_"
     raise ConfigError(field, value, "expected a size such as 4096, '4K', '2MiB' or '1TiB'")
 
 
@@ -156,6 +156,7 @@ def parse_topology(doc: Mapping[str, Any]) -> HostTopology:
         raise ConfigError("tag_region", len(raw_regions), f"at most {MAX_TAG_REGIONS} tag regions")
     for i, raw in enumerate(raw_regions):
         where = f"tag_region[{i}]"
+        _check_table(where, raw, _TAG_REGION_KEYS)
         region = TagRegionConfig(
             memory_base=parse_size(f"{where}.memory_base", _get(raw, "memory_base", where)),
             memory_size_bytes=parse_size(f"{where}.memory_size", _get(raw, "memory_size", where)),
@@ -169,8 +170,14 @@ def parse_topology(doc: Mapping[str, Any]) -> HostTopology:
         regions.append(region)
 
     untagged = []
-    for i, raw in enumerate(doc.get("untagged_range", [])):
+    raw_untagged = doc.get("untagged_range", [])
+    if not isinstance(raw_untagged, list):
+        raise ConfigError(
+            "untagged_range", raw_untagged, "expected an array of tables [[untagged_range]]"
+        )
+    for i, raw in enumerate(raw_untagged):
         where = f"untagged_range[{i}]"
+        _check_table(where, raw, _UNTAGGED_KEYS)
         rng = UntaggedRangeConfig(
             base=parse_size(f"{where}.base", _get(raw, "base", where)),
             size_bytes=parse_size(f"{where}.size", _get(raw, "size", where)),
@@ -185,6 +192,22 @@ def parse_topology(doc: Mapping[str, Any]) -> HostTopology:
         raise ConfigError("tag_region", "[]", "the host has no memory")
     _check_no_overlap(regions, untagged)
     return HostTopology(page_size, mte_perm, mode, tuple(regions), tuple(untagged))
+
+
+_TAG_REGION_KEYS = ("memory_base", "memory_size", "tag_base", "tag_size", "block_size")
+_UNTAGGED_KEYS = ("base", "size")
+
+
+def _check_table(where: str, raw: object, known: tuple[str, ...]) -> None:
+    """An entry of an array of tables must be a table with only known keys (a misspelt
+    ``block-size`` must not silently fall back to the default)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(where, raw, "expected a table")
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{where}.{key}", raw[key], f"unknown key; expected one of {list(known)}"
+            )
 
 
 def _check_aligned(field: str, value: int, align: int, what: str) -> None:

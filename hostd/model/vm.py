@@ -25,8 +25,9 @@ from hostd.model.types import (
 )
 
 BOOT_RAM_DEVICE_ID = "boot-ram"
-# QEMU grows the usable region this far beyond the requested size (VIRTIO_MEM_USABLE_EXTENT).
-VIRTIO_MEM_USABLE_EXTENT_BYTES = 256 * MiB
+# QEMU grows the usable region this far beyond the requested size: VIRTIO_MEM_USABLE_EXTENT,
+# 2 * 512 MiB for TARGET_ARM (x86 uses 2 * 128 MiB), from arm64's 512 MiB sections with 64K pages.
+VIRTIO_MEM_USABLE_EXTENT_BYTES = 2 * 512 * MiB
 
 IndexArray = npt.NDArray[np.int64]
 
