@@ -1,0 +1,71 @@
+"""vmm_shim: the client a VMM embeds to talk to hostd (see docs/vmm_shim.md).
+
+``HostClient`` is one connection, ``VmHandle`` one VM; results are the dataclasses below and
+every gRPC error is a :class:`TagStoreClientError` (see :mod:`vmm_shim.client` for the tree).
+The ``vmm-shim`` command line is :mod:`vmm_shim.cli`; sizes are parsed by :mod:`vmm_shim.units`.
+"""
+
+from vmm_shim.client import (
+    ACCESSES,
+    BOOT_RAM_GPA,
+    DEFAULT_ADDRESS,
+    DEFAULT_TIMEOUT_S,
+    TAG_POLICIES,
+    AlreadyExists,
+    DeviceInfo,
+    DriveResult,
+    EventInfo,
+    EventStream,
+    FailedPrecondition,
+    FaultOutcome,
+    HostClient,
+    HostInfo,
+    InvalidArgument,
+    MappingRun,
+    NotFound,
+    PageExtent,
+    RegionInfo,
+    ReservedTagBlock,
+    ResourceExhausted,
+    StateExport,
+    TagStoreClientError,
+    Unavailable,
+    VirtioMemRequestError,
+    VmHandle,
+    VmInfo,
+    translate_error,
+)
+from vmm_shim.units import format_size, parse_size
+
+__all__ = [
+    "ACCESSES",
+    "BOOT_RAM_GPA",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_TIMEOUT_S",
+    "TAG_POLICIES",
+    "AlreadyExists",
+    "DeviceInfo",
+    "DriveResult",
+    "EventInfo",
+    "EventStream",
+    "FailedPrecondition",
+    "FaultOutcome",
+    "HostClient",
+    "HostInfo",
+    "InvalidArgument",
+    "MappingRun",
+    "NotFound",
+    "PageExtent",
+    "RegionInfo",
+    "ReservedTagBlock",
+    "ResourceExhausted",
+    "StateExport",
+    "TagStoreClientError",
+    "Unavailable",
+    "VirtioMemRequestError",
+    "VmHandle",
+    "VmInfo",
+    "format_size",
+    "parse_size",
+    "translate_error",
+]

@@ -1,0 +1,88 @@
+"""Sizes and addresses as people write them: ``2MiB``, ``4GiB``, ``0x1000``, ``4096``.
+
+Suffixes are binary (``K``/``KiB`` = 1024, as QEMU's ``-m`` reads them) and case-insensitive;
+a bare number is bytes; ``0x``/``0o``/``0b`` prefixes are accepted for plain numbers.
+Misuse is a plain :class:`ValueError` with a message that quotes the input.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+__all__ = ["GiB", "KiB", "MiB", "TiB", "format_size", "parse_address", "parse_size"]
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+# Binary suffixes, shortest spelling first; "B" alone means bytes.
+_SUFFIX_BYTES = {
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kb": KiB,
+    "kib": KiB,
+    "m": MiB,
+    "mb": MiB,
+    "mib": MiB,
+    "g": GiB,
+    "gb": GiB,
+    "gib": GiB,
+    "t": TiB,
+    "tb": TiB,
+    "tib": TiB,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+# Largest first: format_size picks the largest unit the value reaches.
+_UNITS = (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB))
+
+
+def parse_size(text: str) -> int:
+    """Bytes for a size such as ``2MiB``, ``1.5GiB``, ``64k``, ``0x200000`` or ``4096``.
+
+    A fraction is accepted only if it names a whole number of bytes (``1.5KiB`` is 1536,
+    ``0.3B`` is refused). Negative sizes are refused.
+    """
+    value = text.strip()
+    if len(value) > 2 and value.lower().startswith(("0x", "0o", "0b")):
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise ValueError(f"invalid size {text!r}") from None
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise ValueError(f"invalid size {text!r}: expected e.g. 4096, 0x1000, 2MiB or 4GiB")
+    number, suffix = match.groups()
+    unit = _SUFFIX_BYTES.get(suffix.lower())
+    if unit is None:
+        raise ValueError(f"invalid size {text!r}: unknown unit {suffix!r} (use KiB, MiB, GiB, TiB)")
+    size = Fraction(number) * unit
+    if size.denominator != 1:
+        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
+    return int(size)
+
+
+def parse_address(text: str) -> int:
+    """A guest-physical address: ``0x40000000``, ``1073741824`` or a size such as ``1GiB``."""
+    return parse_size(text)
+
+
+def format_size(size_bytes: int, *, exact: bool = False) -> str:
+    """A human size: ``0B``, ``512B``, ``2MiB``, ``1.5GiB``.
+
+    With ``exact=False`` (for tables) the value is rounded to one decimal in the largest unit it
+    reaches (``127.9MiB``); with ``exact=True`` it is written in the largest unit that divides it,
+    else in bytes, so that :func:`parse_size` reads back the same number.
+    """
+    if size_bytes < 0:
+        return "-" + format_size(-size_bytes, exact=exact)
+    for name, unit in _UNITS:
+        if exact:
+            if size_bytes % unit == 0 and size_bytes >= unit:
+                return f"{size_bytes // unit}{name}"
+        elif size_bytes >= unit:
+            text = f"{size_bytes / unit:.1f}".removesuffix(".0")
+            return f"{text}{name}"
+    return f"{size_bytes}B"
