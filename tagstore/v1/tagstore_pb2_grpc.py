@@ -193,7 +193,8 @@ class TagStorageServicer:
 
     def VirtioMemRequest(self, request, context):
         """One guest request on a virtio-mem device's request queue (PLUG, UNPLUG, UNPLUG_ALL, STATE).
-        Protocol outcomes are answers (ACK/NACK/BUSY/ERROR); RPC errors mean no such VM or device.
+        Protocol outcomes are answers (ACK/NACK/BUSY/ERROR); RPC errors mean no such VM or device
+        (NOT_FOUND) or a device that is not virtio-mem (FAILED_PRECONDITION, NOT_VIRTIO_MEM).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
