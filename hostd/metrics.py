@@ -32,17 +32,24 @@ from wsgiref.simple_server import WSGIServer, make_server
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from hostd.model.events import EVENT_FAULT, EVENT_TAG_BLOCKS_RESERVED, Event
 from hostd.model.types import (
     DCACHE_INVALIDATE,
+    LATENCY_BUCKETS_SECONDS,
     TAG_CACHE_INVALIDATE,
     Access,
     HostCounters,
     HostStatus,
+    LatencyHistogram,
     MemoryUsage,
     MigrationReason,
     TagCopyDirection,
@@ -84,32 +91,8 @@ FAULT_OUTCOMES: tuple[str, ...] = ("mapped", "present", "error")
 # Label value of tag_policy for VMs without MTE, where the policy does not apply.
 NO_TAG_POLICY = "NONE"
 
-# Guest faults and tag reservations take microseconds (an already reserved block) to seconds
-# (evacuating a large block range): 1 us .. 10 s, about 2.5 buckets per decade.
-FAULT_DURATION_BUCKETS_SECONDS: tuple[float, ...] = (
-    1e-6,
-    2.5e-6,
-    5e-6,
-    1e-5,
-    2.5e-5,
-    5e-5,
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+# The model keeps these histograms (hostd.model.types.LatencyHistogram); same bounds here.
+FAULT_DURATION_BUCKETS_SECONDS: tuple[float, ...] = LATENCY_BUCKETS_SECONDS
 
 # RPCs are served in-process from memory: 100 us .. 10 s.
 GRPC_HANDLING_BUCKETS_SECONDS: tuple[float, ...] = (
@@ -319,7 +302,33 @@ def _families(snap: _Snapshot | None, inv: _InvariantResult | None) -> list[Metr
     for name, zeros, table in tables:
         _add_table(f[name], zeros, table)
     f["tagstore_fault_replays"].add_metric([], c.fault_replays)
-    return list(f.values())
+    faults = HistogramMetricFamily(
+        "tagstore_guest_fault_duration_seconds",
+        "Time the host took to handle a guest fault, by access.",
+        labels=["access"],
+    )
+    for access, histogram in sorted(c.fault_seconds.items()):
+        faults.add_metric([access], _buckets(histogram), histogram.sum_seconds)
+    reservations = HistogramMetricFamily(
+        "tagstore_tag_reservation_duration_seconds",
+        "Time to reserve a batch of tag blocks, evacuation of lent data included.",
+    )
+    reservations.add_metric([], _buckets(c.reservation_seconds), c.reservation_seconds.sum_seconds)
+    return [*f.values(), faults, reservations]
+
+
+def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs of a model histogram, ending with ``+Inf``."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip(
+        (*(floatToGoString(b) for b in LATENCY_BUCKETS_SECONDS), "+Inf"),
+        histogram.counts,
+        strict=True,
+    ):
+        total += n
+        out.append((bound, total))
+    return out
 
 
 def _add_table(
@@ -606,37 +615,13 @@ class TagStoreMetrics:
             "Build of the running hostd (value 1).",
             registry=self.registry,
         ).info({"version": _version(), "python_version": platform.python_version()})
-        self._fault_seconds = Histogram(
-            "tagstore_guest_fault_duration_seconds",
-            "Time the host took to handle a guest fault, by access.",
-            ["access"],
-            buckets=FAULT_DURATION_BUCKETS_SECONDS,
-            registry=self.registry,
-        )
-        for access in Access:
-            self._fault_seconds.labels(access.value)
-        self._reserve_seconds = Histogram(
-            "tagstore_tag_reservation_duration_seconds",
-            "Time to reserve a batch of tag blocks, evacuation of lent data included.",
-            buckets=FAULT_DURATION_BUCKETS_SECONDS,
-            registry=self.registry,
-        )
         self._grpc = _GrpcServerMetrics(self.registry)
 
-        host.subscribe(self._on_event)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._check_loop, name="hostd-invariant-check", daemon=True
         )
         self._thread.start()
-
-    # The model calls this synchronously with the lock held: observe and return, nothing more.
-    def _on_event(self, event: Event) -> None:
-        if event.kind == EVENT_FAULT:
-            access = _label(event.detail.get("access", "UNKNOWN"))
-            self._fault_seconds.labels(access).observe(event.seconds)
-        elif event.kind == EVENT_TAG_BLOCKS_RESERVED:
-            self._reserve_seconds.observe(event.seconds)
 
     def check_invariants_now(self) -> int:
         """Run the model's invariant check under the lock and publish it; returns violations.
@@ -689,11 +674,10 @@ class TagStoreMetrics:
         return server
 
     def close(self) -> None:
-        """Stop the invariant thread and HTTP servers and unsubscribe from the host; idempotent."""
+        """Stop the invariant thread and the HTTP servers; idempotent."""
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
         for server in self._servers:
             server.shutdown()
         self._servers.clear()
-        self._host.unsubscribe(self._on_event)

@@ -263,18 +263,20 @@ def test_each_guest_fault_is_observed_once_by_access(
 def test_tag_reservations_are_observed(
     metrics: TagStoreMetrics, host: Host, lock: threading.Lock
 ) -> None:
-    """Every EVENT_TAG_BLOCKS_RESERVED feeds tagstore_tag_reservation_duration_seconds."""
+    """Every batch of reserved tag blocks is observed in tagstore_tag_reservation_duration_seconds."""
     run_workload(host, lock)
     assert value(metrics, "tagstore_tag_reservation_duration_seconds_count") >= 1
 
 
-def test_close_unsubscribes_from_the_host(host: Host, lock: threading.Lock) -> None:
-    """After close(), model events no longer reach the histograms."""
+def test_metrics_add_no_work_to_model_calls(host: Host, lock: threading.Lock) -> None:
+    """The model keeps its own latency histograms: metrics subscribe to no model event, so a
+    fault pays nothing for them; close() is idempotent."""
     m = TagStoreMetrics(host, lock, CollectorRegistry(), NO_PERIODIC_CHECK_S)
-    m.close()
-    m.close()  # idempotent
+    assert [] == host._subscribers
     run_workload(host, lock)
-    assert value(m, "tagstore_guest_fault_duration_seconds_count", access="READ") == 0
+    m.close()
+    m.close()
+    assert value(m, "tagstore_guest_fault_duration_seconds_count", access="READ") >= 1
 
 
 def test_a_sound_model_reports_zero_invariant_violations(

@@ -45,10 +45,17 @@ EXPORT_CHUNK_BYTES = 512 * 1024
 _ITEM_OVERHEAD_BYTES = 6
 
 
+# (proto enum, value) -> model member, filled on first use: faults convert an enum per call.
+_ENUM_CACHE: dict[tuple[int, int], enum.Enum] = {}
+
+
 def _from_proto_enum(
     field: str, value: int, proto_enum: Any, prefix: str, model_enum: type[E]
 ) -> E:
     """The model enum member for a proto enum value; UNSPECIFIED or unknown is refused."""
+    cached = _ENUM_CACHE.get((id(model_enum), value))
+    if cached is not None:
+        return cached  # type: ignore[return-value]
     try:
         name = proto_enum.Name(value)
     except ValueError:
@@ -56,6 +63,7 @@ def _from_proto_enum(
     member = name.removeprefix(prefix)
     if member == "UNSPECIFIED" or member not in model_enum.__members__:
         raise InvalidArgumentError(field, name, "required: set one of the defined values")
+    _ENUM_CACHE[(id(model_enum), value)] = model_enum[member]
     return model_enum[member]
 
 

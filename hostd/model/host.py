@@ -595,13 +595,15 @@ class Host:
             outcome = "mapped" if result.newly_mapped_pages else "present"
             return result
         finally:
+            seconds = time.perf_counter() - t0
             self.counters.add(self.counters.faults, (access.value, outcome))
-            if self._subscribers:
+            self.counters.fault_seconds[access.value].observe(seconds)
+            if self._subscribers:  # only a WatchEvents stream that asked for faults wants one
                 self._emit(
                     Event(
                         EVENT_FAULT,
                         vm_id=vm_id,
-                        seconds=time.perf_counter() - t0,
+                        seconds=seconds,
                         detail={"access": access.value, "outcome": outcome},
                     )
                 )
@@ -890,17 +892,11 @@ class Host:
             config = asdict(vm.config)
             config["tag_policy"] = vm.config.tag_policy.value
             vms.append({"slot": vm.slot, "config": config, "devices": devices})
-        c = self.counters
         tables = {
             "topology": topology_to_doc(self.topology),
             "placement": mem.placement.value,
             "vms": vms,
-            "counters": {
-                name: [[*(k if isinstance(k, tuple) else (k,)), v] for k, v in table.items()]
-                if isinstance(table, dict)
-                else table
-                for name, table in vars(c).items()
-            },
+            "counters": self.counters.to_doc(),
         }
         return HostState(arrays, tables)
 
@@ -941,14 +937,7 @@ class Host:
             host._vms[vm.vm_id] = vm
             host._by_slot[vm.slot] = vm
             mem.mte_owner[vm.slot] = vm.config.mte_enabled
-        c = host.counters
-        for name, value in t["counters"].items():
-            if isinstance(value, list):
-                table = getattr(c, name)
-                for *key, v in value:
-                    table[tuple(key) if len(key) > 1 else key[0]] = v
-            else:
-                setattr(c, name, value)
+        host.counters.load_doc(t["counters"])
         return host
 
 

@@ -354,6 +354,8 @@ class PhysicalMemory:
                     pending.append((reg, newly))
             elif seg.kind == KIND_TAG_STORAGE:
                 reg = self.regions[seg.region]
+                if uniform and (n == TS_LENT) == (o_first == TS_LENT):
+                    continue  # e.g. free -> reserved: no lent count moves
                 d_lent = np.asarray(n == TS_LENT, dtype=np.int64) - (o == TS_LENT)
                 if np.any(d_lent):
                     blocks, sums = _sum_by_block((i - seg.start) // reg.block_pages, d_lent)
@@ -389,18 +391,27 @@ class PhysicalMemory:
         reg.span_free[blocks] = free_new
         partial_old = (rc_old > 0) & (free_old > 0)
         partial_new = (rc_new > 0) & (free_new > 0)
-        reg.nr_partial += int(partial_new.sum()) - int(partial_old.sum())
+        reg.nr_partial += int(np.count_nonzero(partial_new)) - int(np.count_nonzero(partial_old))
         became_partial = partial_new & ~partial_old
         if became_partial.any():
             reg.partial_hint = min(reg.partial_hint, int(blocks[became_partial].min()))
-        got_free = (free_new > 0) & (free_old == 0)
-        if got_free.any():
-            reg.free_hint = min(reg.free_hint, int(blocks[got_free].min()))
+        # Which way the counts can move decides what can happen: an allocation only raises
+        # refcounts and lowers free counts, a free does the opposite. Skip what cannot occur.
+        frees_may_rise = not (isinstance(d_free, int) and d_free <= 0)
+        rc_may_fall = not (isinstance(d_rc, int) and d_rc >= 0)
+        rc_may_rise = not (isinstance(d_rc, int) and d_rc <= 0)
+        if frees_may_rise:
+            got_free = (free_new > 0) & (free_old == 0)
+            if got_free.any():
+                reg.free_hint = min(reg.free_hint, int(blocks[got_free].min()))
         if self.static:
             return blocks[:0]
-        released = blocks[(rc_new == 0) & (rc_old > 0)]
-        if released.size:
-            self._release_blocks(reg, released)
+        if rc_may_fall:
+            released = blocks[(rc_new == 0) & (rc_old > 0)]
+            if released.size:
+                self._release_blocks(reg, released)
+        if not rc_may_rise:
+            return blocks[:0]
         return blocks[(rc_new > 0) & (rc_old == 0)]
 
     def _claim(
@@ -591,11 +602,7 @@ class PhysicalMemory:
             if reg.nr_partial == 0:
                 continue
             blocks, first_hit, _ = self._scan_blocks(
-                reg,
-                reg.partial_hint,
-                lambda r, lo, hi: (r.refcount[lo:hi] > 0) & (r.span_free[lo:hi] > 0),
-                remaining,
-                reg.nr_partial,
+                reg, reg.partial_hint, lambda r, c: r.refcount[c] > 0, remaining, reg.nr_partial
             )
             reg.partial_hint = first_hit
             chosen.append((reg, blocks))
@@ -609,15 +616,15 @@ class PhysicalMemory:
             excl = excluded.get(reg.index)
 
             def unreserved(
-                r: TagRegion, lo: int, hi: int, excl: IndexArray | None = excl
+                r: TagRegion, c: IndexArray, excl: IndexArray | None = excl
             ) -> npt.NDArray[np.bool_]:
-                m = (r.span_free[lo:hi] > 0) & (r.refcount[lo:hi] == 0)
+                m = r.refcount[c] == 0
                 if excl is not None and excl.size:
-                    m &= ~np.isin(np.arange(lo, hi), excl)
+                    m &= ~np.isin(c, excl)
                 return m
 
             blocks, _, first_free = self._scan_blocks(
-                reg, reg.free_hint, unreserved, remaining, None, lent_ok=False, lent_out=lent_seen
+                reg, reg.free_hint, unreserved, remaining, None, lent_out=lent_seen
             )
             reg.free_hint = first_free
             chosen.append((reg, blocks))
@@ -650,20 +657,18 @@ class PhysicalMemory:
         self,
         reg: TagRegion,
         start: int,
-        mask_fn: Callable[[TagRegion, int, int], npt.NDArray[np.bool_]],
+        keep: Callable[[TagRegion, IndexArray], npt.NDArray[np.bool_]],
         need_pages: int,
         max_blocks: int | None,
         *,
-        lent_ok: bool = True,
         lent_out: list[tuple[TagRegion, IndexArray]] | None = None,
     ) -> tuple[IndexArray, int, int]:
-        """Blocks from ``start`` on that pass ``mask_fn`` until they hold ``need_pages`` free
-        data pages.
+        """Blocks from ``start`` on with free data pages that ``keep`` accepts, until they
+        hold ``need_pages`` free data pages.
 
-        Returns them, the first block that passed and the first block with any free data
-        page (each the end of the scanned range if there was none): the new scan hints.
-        With ``lent_ok=False`` blocks whose tag storage is lent are left out and collected in
-        ``lent_out`` instead.
+        Returns them, the first block accepted and the first block with any free data page
+        (each the end of the scanned range if there was none): the new scan hints. With
+        ``lent_out``, blocks whose tag storage is lent are left out and collected there.
         """
         found: list[IndexArray] = []
         lent_found: list[IndexArray] = []
@@ -676,24 +681,26 @@ class PhysicalMemory:
             if max_blocks is not None and nr >= max_blocks:
                 break
             hi = min(reg.nr_blocks, pos + window)
-            if first_free is None:
-                any_free = np.flatnonzero(reg.span_free[pos:hi] > 0)
-                if any_free.size:
-                    first_free = pos + int(any_free[0])
-            hits = np.flatnonzero(mask_fn(reg, pos, hi)) + pos
-            if hits.size and first is None:
-                first = int(hits[0])
-            if not lent_ok and hits.size:
-                is_lent = reg.lent[hits] > 0
-                lent_found.append(hits[is_lent])
-                hits = hits[~is_lent]
-            if hits.size:
-                counts = np.cumsum(reg.span_free[hits])
-                cut = int(np.searchsorted(counts, need_pages - got)) + 1
-                hits = hits[:cut]
-                found.append(hits)
-                got += int(reg.span_free[hits].sum())
-                nr += hits.size
+            # Every block either pass wants has a free data page: filter that short list.
+            cand = np.flatnonzero(reg.span_free[pos:hi]) + pos
+            if cand.size:
+                if first_free is None:
+                    first_free = int(cand[0])
+                hits = cand[keep(reg, cand)]
+                if hits.size and first is None:
+                    first = int(hits[0])
+                if lent_out is not None and hits.size:
+                    is_lent = reg.lent[hits] > 0
+                    if is_lent.any():
+                        lent_found.append(hits[is_lent])
+                        hits = hits[~is_lent]
+                if hits.size:
+                    counts = np.cumsum(reg.span_free[hits])
+                    cut = int(np.searchsorted(counts, need_pages - got)) + 1
+                    hits = hits[:cut]
+                    found.append(hits)
+                    got += int(counts[min(cut, counts.size) - 1])
+                    nr += hits.size
             pos = hi
             window *= 2
         if lent_out is not None and lent_found:
@@ -751,6 +758,7 @@ class PhysicalMemory:
             c.add(c.page_migrations, MigrationReason.EVACUATION.value, evacuated)
             self._emit(Event(EVENT_EVACUATION, region=reg.name, count=evacuated))
         if nr_ok:
+            c.reservation_seconds.observe(time.perf_counter() - t0)
             self._emit(
                 Event(
                     EVENT_TAG_BLOCKS_RESERVED,

@@ -6,9 +6,10 @@ Sizes are bytes (``*_bytes``), counts of host pages are ``nr_pages``, guest addr
 
 from __future__ import annotations
 
+import bisect
 import enum
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, TypeVar
 
 _K = TypeVar("_K")
 
@@ -275,6 +276,32 @@ class HostStatus:
         return sum(r.tagged_capacity_bytes for r in self.regions)
 
 
+# Guest faults and tag reservations take microseconds (an already reserved block) to seconds
+# (evacuating a large range): 1 us .. 10 s, about 2.5 buckets per decade.
+LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
+    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass
+class LatencyHistogram:
+    """Counts of durations per bucket (upper bounds in ``LATENCY_BUCKETS_SECONDS``, plus one
+    overflow bucket) and their sum: what a Prometheus histogram needs, kept by the model so
+    that a fault pays a bisect and two additions for it, not a metrics call."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_SECONDS) + 1))
+    sum_seconds: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)] += 1
+        self.sum_seconds += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
 @dataclass
 class HostCounters:
     """Monotonic event counters kept by the model (metrics derive from these)."""
@@ -290,6 +317,39 @@ class HostCounters:
     dimm_operations: dict[str, int] = field(default_factory=dict)  # "plug" / "unplug"
     cache_maintenance_bytes: dict[str, int] = field(default_factory=dict)  # kind
     tags_copied_bytes: dict[str, int] = field(default_factory=dict)  # direction
+    fault_seconds: dict[str, LatencyHistogram] = field(
+        default_factory=lambda: {a.value: LatencyHistogram() for a in Access}
+    )
+    reservation_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def to_doc(self) -> dict[str, object]:
+        """A JSON-serialisable form (tuple keys become lists)."""
+        doc: dict[str, object] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, LatencyHistogram):
+                doc[name] = {"counts": value.counts, "sum_seconds": value.sum_seconds}
+            elif isinstance(value, dict):
+                doc[name] = [
+                    [*(k if isinstance(k, tuple) else (k,)), asdict(v) if is_dataclass(v) else v]
+                    for k, v in value.items()
+                ]
+            else:
+                doc[name] = value
+        return doc
+
+    def load_doc(self, doc: dict[str, Any]) -> None:
+        """Set every counter from :meth:`to_doc` output (in place: the model holds this object)."""
+        for name, value in doc.items():
+            current = getattr(self, name)
+            if isinstance(current, LatencyHistogram):
+                setattr(self, name, LatencyHistogram(list(value["counts"]), value["sum_seconds"]))
+            elif isinstance(current, dict):
+                current.clear()
+                for *key, v in value:
+                    k = tuple(key) if len(key) > 1 else key[0]
+                    current[k] = LatencyHistogram(**v) if isinstance(v, dict) else v
+            else:
+                setattr(self, name, value)
 
     @staticmethod
     def add(table: dict[_K, int], key: _K, n: int = 1) -> None:
