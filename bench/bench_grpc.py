@@ -30,8 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tagstore.v1 import tagstore_pb2 as pb  # noqa: E402
-from tagstore.v1 import tagstore_pb2_grpc as pb_grpc  # noqa: E402
+from tagstore.v1 import tagstore_pb2 as pb
+from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
 
 BOOT_RAM_GPA = 0x4000_0000
 MiB = 1 << 20
@@ -58,11 +58,20 @@ def main() -> int:
 
     tmp = tempfile.mkdtemp(prefix="tagstore-bench-")
     address = args.listen or f"unix:{tmp}/hostd.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hostd", "serve", "--listen", address,
-         "--metrics-listen", "127.0.0.1:0"],
-        stderr=open(Path(tmp) / "hostd.log", "wb"),
-    )
+    with open(Path(tmp) / "hostd.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hostd",
+                "serve",
+                "--listen",
+                address,
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+            stderr=log,
+        )
     try:
         channel = grpc.insecure_channel(address)
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -70,23 +79,36 @@ def main() -> int:
         health = health_pb2_grpc.HealthStub(channel)
         check = health_pb2.HealthCheckRequest()
 
-        stub.CreateVm(pb.CreateVmRequest(vm_id="hot", mte_enabled=True,
-                                         tag_policy=pb.TAG_POLICY_ON_FAULT, boot_memory_bytes=MiB))
-        hot = pb.GuestFaultRequest(vm_id="hot", gpa=BOOT_RAM_GPA, length=4096,
-                                   access=pb.ACCESS_WRITE)
+        stub.CreateVm(
+            pb.CreateVmRequest(
+                vm_id="hot",
+                mte_enabled=True,
+                tag_policy=pb.TAG_POLICY_ON_FAULT,
+                boot_memory_bytes=MiB,
+            )
+        )
+        hot = pb.GuestFaultRequest(
+            vm_id="hot", gpa=BOOT_RAM_GPA, length=4096, access=pb.ACCESS_WRITE
+        )
         stub.GuestFault(hot)
         # Room for every fresh 2 MiB fault of every round (the host has ~54 GiB taggable).
         fresh_bytes = 48 * GiB
-        stub.CreateVm(pb.CreateVmRequest(vm_id="fresh", mte_enabled=True,
-                                         tag_policy=pb.TAG_POLICY_ON_FAULT,
-                                         boot_memory_bytes=fresh_bytes))
+        stub.CreateVm(
+            pb.CreateVmRequest(
+                vm_id="fresh",
+                mte_enabled=True,
+                tag_policy=pb.TAG_POLICY_ON_FAULT,
+                boot_memory_bytes=fresh_bytes,
+            )
+        )
         next_fresh = [0]
 
         def fault_fresh(_: int) -> None:
             gpa = BOOT_RAM_GPA + next_fresh[0] * 2 * MiB
             next_fresh[0] += 1
-            answer = stub.GuestFault(pb.GuestFaultRequest(
-                vm_id="fresh", gpa=gpa, length=2 * MiB, access=pb.ACCESS_WRITE))
+            answer = stub.GuestFault(
+                pb.GuestFaultRequest(vm_id="fresh", gpa=gpa, length=2 * MiB, access=pb.ACCESS_WRITE)
+            )
             assert answer.newly_mapped_pages == 512
 
         loops: dict[str, Callable[[int], object]] = {
@@ -108,8 +130,10 @@ def main() -> int:
             for k in ratios:
                 ratios[k].append(round_rates[k] / round_rates["health_check"])
         violations = stub.CheckInvariants(pb.CheckInvariantsRequest()).violations
-        print(f"hostd built-in host, {args.rounds} rounds x {args.seconds:g} s per loop, "
-              "one client, sequential unary calls")
+        print(
+            f"hostd built-in host, {args.rounds} rounds x {args.seconds:g} s per loop, "
+            "one client, sequential unary calls"
+        )
         for k, v in rates.items():
             print(f"  {k:22s} {statistics.median(v):8.0f} calls/s (median)")
         goals = {"fault_mapped_page": 0.9, "fault_fresh_2mib_mte": 0.5}

@@ -263,7 +263,7 @@ def test_each_guest_fault_is_observed_once_by_access(
 def test_tag_reservations_are_observed(
     metrics: TagStoreMetrics, host: Host, lock: threading.Lock
 ) -> None:
-    """Every batch of reserved tag blocks is observed in tagstore_tag_reservation_duration_seconds."""
+    """Every batch of reserved tag blocks is timed in tagstore_tag_reservation_duration_seconds."""
     run_workload(host, lock)
     assert value(metrics, "tagstore_tag_reservation_duration_seconds_count") >= 1
 
