@@ -601,10 +601,15 @@ class PhysicalMemory:
                 break
             if reg.nr_partial == 0:
                 continue
-            blocks, first_hit, _ = self._scan_blocks(
-                reg, reg.partial_hint, lambda r, c: r.refcount[c] > 0, remaining, reg.nr_partial
-            )
-            reg.partial_hint = first_hit
+            ph = reg.partial_hint
+            if reg.nr_partial == 1 and reg.refcount[ph] > 0 and reg.span_free[ph] > 0:
+                # The usual case: the one block the last allocation left partly used.
+                blocks = np.array([ph], dtype=np.int64)
+            else:
+                blocks, first_hit, _ = self._scan_blocks(
+                    reg, ph, lambda r, c: r.refcount[c] > 0, remaining, reg.nr_partial
+                )
+                reg.partial_hint = first_hit
             chosen.append((reg, blocks))
             remaining -= int(reg.span_free[blocks].sum())
         # Pass 2: unreserved blocks whose tag storage holds no lent data (fast path), keeping
@@ -614,6 +619,11 @@ class PhysicalMemory:
             if remaining <= 0:
                 break
             excl = excluded.get(reg.index)
+            fresh = self._fresh_blocks_at_hint(reg, remaining, excl)
+            if fresh is not None:
+                chosen.append((reg, fresh))
+                remaining -= fresh.size * reg.span_pages
+                continue
 
             def unreserved(
                 r: TagRegion, c: IndexArray, excl: IndexArray | None = excl
@@ -652,6 +662,33 @@ class PhysicalMemory:
             pages.append(free)
             got += free.size
         return np.concatenate(pages) if pages else np.empty(0, np.int64)
+
+    def _fresh_blocks_at_hint(
+        self, reg: TagRegion, need_pages: int, excl: IndexArray | None
+    ) -> IndexArray | None:
+        """The blocks right at the free-block hint, if they are wholly free and their tag
+        storage is free too: on a host with free memory most faults take these, and taking
+        them needs no scan (a bump allocation)."""
+        # The hint is a lower bound that lags the last allocation: advance it first.
+        ahead = np.flatnonzero(reg.span_free[reg.free_hint : reg.free_hint + 256])
+        if ahead.size == 0:
+            return None
+        reg.free_hint += int(ahead[0])
+        first = reg.free_hint
+        if reg.refcount[first] > 0:
+            # The last allocation's partly used block: pass 1 has taken its free pages.
+            first += 1
+        last = min(reg.nr_blocks, first + -(-need_pages // reg.span_pages))
+        if first >= last:
+            return None
+        if (
+            int(reg.span_free[first:last].min()) != reg.span_pages
+            or reg.refcount[first:last].any()
+            or reg.lent[first:last].any()
+            or (excl is not None and bool(((excl >= first) & (excl < last)).any()))
+        ):
+            return None
+        return np.arange(first, last, dtype=np.int64)
 
     def _scan_blocks(
         self,
