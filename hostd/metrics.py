@@ -587,7 +587,8 @@ class TagStoreMetrics:
     """All metrics of one hostd: built on a host and the lock that serialises calls to it.
 
     ``registry`` defaults to a new private :class:`CollectorRegistry`. A background thread checks
-    the model's invariants every ``invariant_check_interval_s`` seconds, the first time at once.
+    the model's invariants every ``invariant_check_interval_s`` seconds (None: only once), the
+    first time at once.
     Call :meth:`close` to stop the thread, unsubscribe from the host and stop HTTP servers.
     """
 
@@ -596,9 +597,9 @@ class TagStoreMetrics:
         host: Host,
         lock: threading.Lock,
         registry: CollectorRegistry | None = None,
-        invariant_check_interval_s: float = 30.0,
+        invariant_check_interval_s: float | None = 30.0,
     ) -> None:
-        if invariant_check_interval_s <= 0:
+        if invariant_check_interval_s is not None and invariant_check_interval_s <= 0:
             raise ValueError(
                 f"invariant_check_interval_s={invariant_check_interval_s}: must be positive"
             )
@@ -641,6 +642,7 @@ class TagStoreMetrics:
         return violations
 
     def _check_loop(self) -> None:
+        # With no interval the check runs once, at start (None waits for close()).
         while True:
             self.check_invariants_now()
             if self._stop.wait(self._interval_s):

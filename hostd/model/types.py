@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 _K = TypeVar("_K")
@@ -302,6 +302,12 @@ class LatencyHistogram:
         return sum(self.counts)
 
 
+def _plain(value: object) -> object:
+    if isinstance(value, LatencyHistogram):
+        return asdict(value)
+    return value
+
+
 @dataclass
 class HostCounters:
     """Monotonic event counters kept by the model (metrics derive from these)."""
@@ -330,8 +336,7 @@ class HostCounters:
                 doc[name] = {"counts": value.counts, "sum_seconds": value.sum_seconds}
             elif isinstance(value, dict):
                 doc[name] = [
-                    [*(k if isinstance(k, tuple) else (k,)), asdict(v) if is_dataclass(v) else v]
-                    for k, v in value.items()
+                    [*(k if isinstance(k, tuple) else (k,)), _plain(v)] for k, v in value.items()
                 ]
             else:
                 doc[name] = value
