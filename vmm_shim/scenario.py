@@ -348,9 +348,7 @@ def _size_dist(r: _Reader, align: int) -> SizeDist:
         raw = r.raw("values")
         if not isinstance(raw, list) or not raw:
             raise r.error("values", raw, "must be a non-empty list of sizes")
-        values = tuple(
-            r.parse_size(f"values[{i}]", v, align=align) for i, v in enumerate(raw)
-        )
+        values = tuple(r.parse_size(f"values[{i}]", v, align=align) for i, v in enumerate(raw))
         weights_raw = r.raw("weights", [1.0] * len(values))
         if not isinstance(weights_raw, list) or len(weights_raw) != len(values):
             raise r.error("weights", weights_raw, f"must be a list of {len(values)} numbers")
@@ -497,7 +495,9 @@ def parse_scenario(doc: dict[str, Any], *, source: str = "", default_name: str =
     seen: set[str] = set()
     for i, c in enumerate(classes):
         if c.name in seen:
-            raise ScenarioError(f"vm_class[{i}].name", c.name, "duplicate class name", source=source)
+            raise ScenarioError(
+                f"vm_class[{i}].name", c.name, "duplicate class name", source=source
+            )
         seen.add(c.name)
     top.finish()
     return Scenario(name, description, steps, seed, host, arrivals, classes, source)
