@@ -125,6 +125,7 @@ class TagRegion:
     nr_reserved: int = 0
     nr_partial: int = 0  # blocks with refcount > 0 and free data pages in their span
     partial_hint: int = 0  # no partial block below this
+    last_partial: int = 0  # the block that most recently became partial (a guess, checked)
     free_hint: int = 0  # no block with a free data page below this
 
     def block_of_data(self, idx: IndexArray) -> IndexArray:
@@ -349,7 +350,15 @@ class PhysicalMemory:
                 else:
                     d_free = np.asarray(n == TG_FREE, dtype=np.int64) - (o == TG_FREE)
                     d_rc = np.asarray(n == TG_TAGGED, dtype=np.int64) - (o == TG_TAGGED)
-                newly = self._adjust_blocks(reg, reg.block_of_data(i), d_rc, d_free)
+                if isinstance(at, slice) and uniform:
+                    # One run of pages: the pages per block follow from its two ends.
+                    page_blocks: IndexArray | tuple[int, int] = (
+                        at.start - seg.start,
+                        at.stop - seg.start,
+                    )
+                else:
+                    page_blocks = reg.block_of_data(i)
+                newly = self._adjust_blocks(reg, page_blocks, d_rc, d_free)
                 if newly.size:
                     pending.append((reg, newly))
             elif seg.kind == KIND_TAG_STORAGE:
@@ -365,24 +374,37 @@ class PhysicalMemory:
     def _adjust_blocks(
         self,
         reg: TagRegion,
-        page_blocks: IndexArray,
+        page_blocks: IndexArray | tuple[int, int],
         d_rc: int | IndexArray,
         d_free: int | IndexArray,
     ) -> IndexArray:
         """Apply per-page refcount / free deltas (one per page, or one for all) to their
-        blocks; release emptied blocks and return the blocks that became referenced."""
-        b0 = int(page_blocks.min())
-        rel = page_blocks - b0
-        per_block = np.bincount(rel)
-        present = np.flatnonzero(per_block)
-        blocks = present + b0
-        sums = []
-        for d in (d_rc, d_free):
-            if isinstance(d, int):
-                sums.append(per_block[present].astype(np.int32) * np.int32(d))
-            else:
-                sums.append(np.bincount(rel, weights=d)[present].astype(np.int32))
-        sum_rc, sum_free = sums
+        blocks; release emptied blocks and return the blocks that became referenced.
+
+        ``page_blocks`` is the block of every page, or ``(lo, hi)``: one run of data pages
+        (offsets in the segment) sharing scalar deltas."""
+        if isinstance(page_blocks, tuple):
+            # Pages [lo, hi) of the data segment, one delta for all: count them per block.
+            lo, hi = page_blocks
+            span = reg.span_pages
+            blocks = np.arange(lo // span, (hi - 1) // span + 1, dtype=np.int64)
+            per = np.minimum(hi, (blocks + 1) * span) - np.maximum(lo, blocks * span)
+            assert isinstance(d_rc, int) and isinstance(d_free, int)
+            sum_rc = (per * d_rc).astype(np.int32)
+            sum_free = (per * d_free).astype(np.int32)
+        else:
+            b0 = int(page_blocks.min())
+            rel = page_blocks - b0
+            per_block = np.bincount(rel)
+            present = np.flatnonzero(per_block)
+            blocks = present + b0
+            sums = []
+            for d in (d_rc, d_free):
+                if isinstance(d, int):
+                    sums.append(per_block[present].astype(np.int32) * np.int32(d))
+                else:
+                    sums.append(np.bincount(rel, weights=d)[present].astype(np.int32))
+            sum_rc, sum_free = sums
         rc_old = reg.refcount[blocks]
         free_old = reg.span_free[blocks]
         rc_new = rc_old + sum_rc
@@ -394,7 +416,9 @@ class PhysicalMemory:
         reg.nr_partial += int(np.count_nonzero(partial_new)) - int(np.count_nonzero(partial_old))
         became_partial = partial_new & ~partial_old
         if became_partial.any():
-            reg.partial_hint = min(reg.partial_hint, int(blocks[became_partial].min()))
+            newly_partial = blocks[became_partial]
+            reg.partial_hint = min(reg.partial_hint, int(newly_partial.min()))
+            reg.last_partial = int(newly_partial.max())
         # Which way the counts can move decides what can happen: an allocation only raises
         # refcounts and lowers free counts, a free does the opposite. Skip what cannot occur.
         frees_may_rise = not (isinstance(d_free, int) and d_free <= 0)
@@ -601,13 +625,15 @@ class PhysicalMemory:
                 break
             if reg.nr_partial == 0:
                 continue
-            ph = reg.partial_hint
-            if reg.nr_partial == 1 and reg.refcount[ph] > 0 and reg.span_free[ph] > 0:
-                # The usual case: the one block the last allocation left partly used.
-                blocks = np.array([ph], dtype=np.int64)
+            lp = reg.last_partial
+            if reg.nr_partial == 1 and reg.refcount[lp] > 0 and reg.span_free[lp] > 0:
+                # The usual case: the one block the last allocation left partly used (it is
+                # the only partial block, so it is also the lowest).
+                blocks = np.array([lp], dtype=np.int64)
+                reg.partial_hint = lp
             else:
                 blocks, first_hit, _ = self._scan_blocks(
-                    reg, ph, lambda r, c: r.refcount[c] > 0, remaining, reg.nr_partial
+                    reg, reg.partial_hint, lambda r, c: r.refcount[c] > 0, remaining, reg.nr_partial
                 )
                 reg.partial_hint = first_hit
             chosen.append((reg, blocks))

@@ -11,17 +11,21 @@ import pytest
 from hostd.model import (
     BOOT_RAM_GPA,
     Access,
+    GiB,
     Host,
     HostTopology,
     KiB,
     MiB,
     PageState,
+    Placement,
+    TagPolicy,
     VmConfig,
+    default_topology,
     parse_topology,
 )
 from hostd.model.physmem import TG_TAGGED, TS_RESERVED
 
-from .conftest import assert_sound, pages_of
+from .conftest import PAGE, assert_sound, pages_of
 
 BASE = 0x8000_0000
 PAGE_SIZES = [4 * KiB, 16 * KiB, 64 * KiB]
@@ -150,3 +154,24 @@ def test_cache_maintenance_bytes_on_reserve_and_release(page_size: int, block_si
     assert blocks * 32 * reg.block_pages * page_size == cm["tag_cache_invalidate"]
     assert {"tag0": blocks} == host.counters.tag_blocks_released
     assert 0 == host.status().tag_blocks_reserved
+
+
+def test_aware_placement_fills_every_partly_used_block_before_reserving_another() -> None:
+    """With several reserved blocks partly used (a VM whose pages were interleaved with another's
+    went away), new tagged pages go into those blocks and reserve nothing new."""
+    host = Host(default_topology(GiB), Placement.TAG_BLOCK_AWARE)
+    for vm_id in "abc":
+        host.create_vm(VmConfig(vm_id, True, TagPolicy.ON_FAULT, 64 * MiB))
+    for k in range(20):  # interleave a, b and c three pages at a time
+        for vm_id in "abc":
+            host.guest_fault(vm_id, BOOT_RAM_GPA + k * 3 * PAGE, 3 * PAGE, Access.WRITE)
+    host.destroy_vm("b")
+    assert 1 < sum(r.nr_partial for r in host.mem.regions)
+    free_in_partial = sum(
+        int(r.span_free[(r.refcount > 0) & (r.span_free > 0)].sum()) for r in host.mem.regions
+    )
+    reserved = host.status().tag_blocks_reserved
+    host.guest_fault("a", BOOT_RAM_GPA + MiB, free_in_partial * PAGE, Access.WRITE)
+    assert reserved == host.status().tag_blocks_reserved
+    assert 0 == sum(r.nr_partial for r in host.mem.regions)
+    assert_sound(host)
