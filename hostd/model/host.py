@@ -178,17 +178,8 @@ class Host:
 
     def _guest_range(self, vm: Vm, gpa: int, length_bytes: int, max_bytes: int) -> IndexArray:
         """Stage-2 offsets of a page-aligned, plugged guest range (or an error, nothing done)."""
+        self._check_range_args(gpa, length_bytes, max_bytes)
         ps = self.page_size
-        if gpa < 0 or gpa % ps:
-            raise InvalidArgumentError("gpa", gpa, f"must be aligned to the page size ({ps:#x})")
-        if length_bytes <= 0:
-            raise InvalidArgumentError("length", length_bytes, "must not be zero")
-        if length_bytes % ps:
-            raise InvalidArgumentError(
-                "length", length_bytes, f"must be a multiple of the page size ({ps:#x})"
-            )
-        if length_bytes > max_bytes:
-            raise InvalidArgumentError("length", length_bytes, f"at most {max_bytes:#x} per call")
         nr = length_bytes // ps
         first = vm.gfn_offset(gpa)
         if self._plugged_in_one_device(vm, gpa, length_bytes):
@@ -203,6 +194,19 @@ class Host:
                 gpa=bad,
             )
         return np.arange(first, first + nr, dtype=np.int64)
+
+    def _check_range_args(self, gpa: int, length_bytes: int, max_bytes: int) -> None:
+        ps = self.page_size
+        if gpa < 0 or gpa % ps:
+            raise InvalidArgumentError("gpa", gpa, f"must be aligned to the page size ({ps:#x})")
+        if length_bytes <= 0:
+            raise InvalidArgumentError("length", length_bytes, "must not be zero")
+        if length_bytes % ps:
+            raise InvalidArgumentError(
+                "length", length_bytes, f"must be a multiple of the page size ({ps:#x})"
+            )
+        if length_bytes > max_bytes:
+            raise InvalidArgumentError("length", length_bytes, f"at most {max_bytes:#x} per call")
 
     @staticmethod
     def _plugged_in_one_device(vm: Vm, gpa: int, length_bytes: int) -> bool:
@@ -584,29 +588,53 @@ class Host:
         outcome = "error"
         try:
             vm = self._vm(vm_id)
-            offs = self._guest_range(vm, gpa, length_bytes, MAX_FAULT_BYTES)
+            self._check_range_args(gpa, length_bytes, MAX_FAULT_BYTES)
             if access is Access.TAG and not vm.config.mte_enabled:
                 raise FailedPreconditionError(
                     f"VM {vm_id!r} does not have MTE enabled: no tag access",
                     reason="VM_NOT_MTE",
                     vm_id=vm_id,
                 )
-            result = self._fault(vm, offs, access)
+            first = vm.gfn_offset(gpa)
+            last = first + length_bytes // self.page_size
+            if (
+                first >= 0
+                and last <= vm.stage2.size
+                and self._mapped_as_wanted(vm, vm.stage2[first:last], access)
+            ):
+                # The hot path (a fault that raced with another vCPU's): mapped pages are
+                # plugged pages, so there is nothing to check or do.
+                result = FaultResult()
+            else:
+                offs = self._guest_range(vm, gpa, length_bytes, MAX_FAULT_BYTES)
+                result = self._fault(vm, offs, access)
             outcome = "mapped" if result.newly_mapped_pages else "present"
             return result
         finally:
             seconds = time.perf_counter() - t0
-            self.counters.add(self.counters.faults, (access.value, outcome))
-            self.counters.fault_seconds[access.value].observe(seconds)
+            kind = access.value
+            faults = self.counters.faults
+            faults[(kind, outcome)] = faults.get((kind, outcome), 0) + 1
+            self.counters.fault_seconds[kind].observe(seconds)
             if self._subscribers:  # only a WatchEvents stream that asked for faults wants one
                 self._emit(
                     Event(
                         EVENT_FAULT,
                         vm_id=vm_id,
                         seconds=seconds,
-                        detail={"access": access.value, "outcome": outcome},
+                        detail={"access": kind, "outcome": outcome},
                     )
                 )
+
+    def _mapped_as_wanted(self, vm: Vm, s2: npt.NDArray[np.uint32], access: Access) -> bool:
+        """Whether stage-2 entries ``s2`` are all mapped as the VM's policy wants for
+        ``access`` (ON_FAULT / EAGER pages are tagged from their first fault)."""
+        if not s2.all():
+            return False
+        cfg = vm.config
+        if cfg.mte_enabled and cfg.tag_policy is TagPolicy.ON_TAG_ACCESS and access is Access.TAG:
+            return bool((self.mem.flags[s2.astype(np.int64) - 1] == TG_TAGGED).all())
+        return True
 
     def _fault(self, vm: Vm, offs: IndexArray, access: Access) -> FaultResult:
         s2 = vm.stage2[as_slice(offs)]
@@ -614,13 +642,7 @@ class Host:
         needs_tags = cfg.mte_enabled and (
             cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS or access is Access.TAG
         )
-        if s2.all() and (
-            cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
-            or not needs_tags
-            or bool((self.mem.flags[s2.astype(np.int64) - 1] == TG_TAGGED).all())
-        ):
-            # Already mapped as the policy wants (ON_FAULT / EAGER pages are tagged from their
-            # first fault): the hot path of a fault that raced with another vCPU's.
+        if self._mapped_as_wanted(vm, s2, access):
             return FaultResult()
         unmapped = offs[s2 == 0]
         if not needs_tags:
