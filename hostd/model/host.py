@@ -50,6 +50,7 @@ from hostd.model.physmem import (
     UT_FREE,
     PhysicalMemory,
     as_slice,
+    require_pages,
 )
 from hostd.model.topology import HostTopology, parse_topology
 from hostd.model.types import (
@@ -662,15 +663,13 @@ class Host:
             fl = self.mem.flags[src]
             in_place = fl == TG_DATA
             must_alloc = unmapped.size + int(np.count_nonzero((fl != TG_TAGGED) & ~in_place))
-            available = self.mem.free_pages(TG_FREE)
-            if must_alloc > available:
-                # Refuse before tagging anything in place: a refused fault changes nothing.
-                raise ResourceExhaustedError(
-                    RESOURCE_TAGGABLE_MEMORY,
-                    f"need {must_alloc} free taggable pages, {available} available",
-                    nr_pages=must_alloc,
-                    available_pages=available,
-                )
+            # Refuse before tagging anything in place: a refused fault changes nothing.
+            require_pages(
+                RESOURCE_TAGGABLE_MEMORY,
+                "free taggable pages",
+                must_alloc,
+                self.mem.free_pages(TG_FREE),
+            )
             failed, nr_reserved = self.mem.make_tagged(src[in_place])
             reserved += nr_reserved
             vm.tagged_pages += int(in_place.sum()) - failed.size

@@ -143,14 +143,15 @@ class TagRegion:
         return self.data.start + blocks[:, None] * self.span_pages + np.arange(self.span_pages)
 
 
-def runs(sorted_values: IndexArray) -> tuple[IndexArray, IndexArray]:
-    """Distinct values of a sorted array and how often each occurs."""
-    if sorted_values.size == 0:
-        return sorted_values, sorted_values
-    edges = np.flatnonzero(np.diff(sorted_values)) + 1
-    starts = np.concatenate(([0], edges))
-    counts = np.diff(np.concatenate((starts, [sorted_values.size])))
-    return sorted_values[starts], counts
+def require_pages(resource: str, what: str, need: int, available: int) -> None:
+    """Refuse, before anything changes, an allocation of ``need`` pages when fewer are free."""
+    if available < need:
+        raise ResourceExhaustedError(
+            resource,
+            f"need {need} {what}, {available} available",
+            nr_pages=need,
+            available_pages=available,
+        )
 
 
 def as_slice(idx: IndexArray) -> IndexArray | slice:
@@ -513,13 +514,7 @@ class PhysicalMemory:
         if not self.static:
             pools += [s for s in self.segments if s.kind == KIND_TAG_STORAGE]
         available = sum(int(self.seg_counts[s.index, s.free_flag]) for s in pools)
-        if available < n:
-            raise ResourceExhaustedError(
-                RESOURCE_MEMORY,
-                f"need {n} free pages for untagged data, {available} available",
-                nr_pages=n,
-                available_pages=available,
-            )
+        require_pages(RESOURCE_MEMORY, "free pages for untagged data", n, available)
         picked: list[IndexArray] = []
         got = 0
         for seg in pools:
@@ -545,14 +540,7 @@ class PhysicalMemory:
         empty = np.empty(0, np.int64)
         if n == 0:
             return empty, 0, 0
-        available = self.free_pages(TG_FREE)
-        if available < n:
-            raise ResourceExhaustedError(
-                RESOURCE_TAGGABLE_MEMORY,
-                f"need {n} free taggable pages, {available} available",
-                nr_pages=n,
-                available_pages=available,
-            )
+        require_pages(RESOURCE_TAGGABLE_MEMORY, "free taggable pages", n, self.free_pages(TG_FREE))
         got: list[IndexArray] = []
         nr_got = 0
         excluded: dict[int, IndexArray] = {}
@@ -922,9 +910,6 @@ class PhysicalMemory:
     def min_blocks_needed(self, reg: TagRegion) -> int:
         """Fewest tag blocks that could describe the region's tagged pages."""
         return -(-self.tagged_pages(reg) // reg.span_pages)
-
-    def iter_segments(self, kind: int) -> Iterator[Segment]:
-        return (s for s in self.segments if s.kind == kind)
 
     # ----------------------------------------------------------------- restore
 
