@@ -1,4 +1,4 @@
-"""Prometheus metrics of hostd: one collector for model state, event histograms, gRPC metrics.
+"""Prometheus metrics of hostd: one collector for model state and counters, gRPC metrics.
 
 Everything here reads the model; nothing here changes it. The layout follows client_python:
 
@@ -8,7 +8,9 @@ Everything here reads the model; nothing here changes it. The layout follows cli
   *at scrape time*, under the daemon's lock: memory by page state, tag blocks, VMs, and the
   monotonic :class:`~hostd.model.types.HostCounters`. Nothing is cached, so a scrape can never
   be stale and the model never pays for metrics between scrapes.
-- Latencies are not state: two histograms are fed by model events (``host.subscribe``).
+- Fault and reservation latencies are histograms the model keeps among its counters
+  (:class:`~hostd.model.types.LatencyHistogram`); the collector exposes them, so metrics add
+  no work to a fault.
 - The invariant check is too expensive for a scrape; a background thread runs it every
   ``invariant_check_interval_s`` and the collector reports the last result.
 - gRPC server metrics come from one interceptor, with the names of go-grpc-prometheus.
@@ -63,7 +65,6 @@ if TYPE_CHECKING:
     from hostd.model.host import Host
 
 __all__ = [
-    "FAULT_DURATION_BUCKETS_SECONDS",
     "FAULT_OUTCOMES",
     "GRPC_HANDLING_BUCKETS_SECONDS",
     "MEMORY_STATES",
@@ -91,8 +92,6 @@ FAULT_OUTCOMES: tuple[str, ...] = ("mapped", "present", "error")
 # Label value of tag_policy for VMs without MTE, where the policy does not apply.
 NO_TAG_POLICY = "NONE"
 
-# The model keeps these histograms (hostd.model.types.LatencyHistogram); same bounds here.
-FAULT_DURATION_BUCKETS_SECONDS: tuple[float, ...] = LATENCY_BUCKETS_SECONDS
 
 # RPCs are served in-process from memory: 100 us .. 10 s.
 GRPC_HANDLING_BUCKETS_SECONDS: tuple[float, ...] = (
@@ -589,7 +588,7 @@ class TagStoreMetrics:
     ``registry`` defaults to a new private :class:`CollectorRegistry`. A background thread checks
     the model's invariants every ``invariant_check_interval_s`` seconds (None: only once), the
     first time at once.
-    Call :meth:`close` to stop the thread, unsubscribe from the host and stop HTTP servers.
+    Call :meth:`close` to stop the thread and the HTTP servers.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Events the model emits to its subscribers (WatchEvents stream, latency histograms).
+"""Events the model emits to its subscribers (the WatchEvents stream).
 
 Subscribers are called synchronously, after the state change is complete, while the caller
 still holds the host; they must be quick and must not call back into the host.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -37,10 +36,6 @@ EVENT_TAG_BLOCKS_RELEASED = "tag_blocks_released"
 EVENT_TAG_RESERVE_FAILED = "tag_reserve_failed"
 EVENT_EVACUATION = "evacuation"  # count = pages moved out of tag storage
 EVENT_FAULT = "fault"  # detail: access, outcome; seconds = handling time
-
-
-class EventSink(Protocol):
-    def __call__(self, event: Event) -> None: ...
 
 
 Subscriber = Callable[[Event], None]

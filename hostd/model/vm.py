@@ -159,11 +159,6 @@ class Vm:
     def gfn_of_offset(self, offs: IndexArray) -> IndexArray:
         return offs + BOOT_RAM_GPA // self.page_size
 
-    def device_bytes(self) -> int:
-        return sum(
-            d.size_bytes for d in self.devices.values() if d.kind is not MemoryDeviceKind.BOOT_RAM
-        )
-
     def nr_dimms(self) -> int:
         return sum(d.kind is MemoryDeviceKind.DIMM for d in self.devices.values())
 
