@@ -202,20 +202,22 @@ class Region(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_base: _Optional[int] = ..., memory_size: _Optional[int] = ..., tag_base: _Optional[int] = ..., tag_size: _Optional[int] = ..., block_size: _Optional[int] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., data_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., tag_storage_bytes: _Optional[int] = ..., tag_reserved_bytes: _Optional[int] = ..., tag_lent_bytes: _Optional[int] = ..., tag_blocks_total: _Optional[int] = ..., tag_blocks_reserved: _Optional[int] = ..., tag_blocks_min_needed: _Optional[int] = ..., tagged_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateVmRequest(_message.Message):
-    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes")
+    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     MTE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TAG_POLICY_FIELD_NUMBER: _ClassVar[int]
     BOOT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIMM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     mte_enabled: bool
     tag_policy: TagPolicy
     boot_memory_bytes: int
     dimm_slots: int
     max_memory_bytes: int
-    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetVmRequest(_message.Message):
     __slots__ = ("vm_id",)
@@ -234,10 +236,12 @@ class ListVmsResponse(_message.Message):
     def __init__(self, vms: _Optional[_Iterable[_Union[Vm, _Mapping]]] = ...) -> None: ...
 
 class DestroyVmRequest(_message.Message):
-    __slots__ = ("vm_id",)
+    __slots__ = ("vm_id", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
-    def __init__(self, vm_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DestroyVmResponse(_message.Message):
     __slots__ = ("vm",)
@@ -246,7 +250,7 @@ class DestroyVmResponse(_message.Message):
     def __init__(self, vm: _Optional[_Union[Vm, _Mapping]] = ...) -> None: ...
 
 class Vm(_message.Message):
-    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "mapped_bytes", "tagged_bytes", "regions")
+    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "mapped_bytes", "tagged_bytes", "regions", "vm_token")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     MTE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TAG_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +260,7 @@ class Vm(_message.Message):
     MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TAGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    VM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     mte_enabled: bool
     tag_policy: TagPolicy
@@ -265,7 +270,8 @@ class Vm(_message.Message):
     mapped_bytes: int
     tagged_bytes: int
     regions: _containers.RepeatedCompositeFieldContainer[MemoryDevice]
-    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryDevice, _Mapping]]] = ...) -> None: ...
+    vm_token: str
+    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryDevice, _Mapping]]] = ..., vm_token: _Optional[str] = ...) -> None: ...
 
 class MemoryDevice(_message.Message):
     __slots__ = ("device_id", "kind", "gpa", "size", "plugged_size", "mapped_bytes", "tagged_bytes", "dimm", "virtio_mem")
@@ -314,16 +320,18 @@ class VirtioMemDevice(_message.Message):
     def __init__(self, addr: _Optional[int] = ..., region_size: _Optional[int] = ..., usable_region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., plugged_size: _Optional[int] = ..., requested_size: _Optional[int] = ...) -> None: ...
 
 class GuestFaultRequest(_message.Message):
-    __slots__ = ("vm_id", "gpa", "length", "access")
+    __slots__ = ("vm_id", "gpa", "length", "access", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     GPA_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     ACCESS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     gpa: int
     length: int
     access: Access
-    def __init__(self, vm_id: _Optional[str] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., access: _Optional[_Union[Access, str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., access: _Optional[_Union[Access, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GuestFaultResponse(_message.Message):
     __slots__ = ("newly_mapped_pages", "tag_blocks_reserved", "pages_migrated", "replays")
@@ -338,16 +346,18 @@ class GuestFaultResponse(_message.Message):
     def __init__(self, newly_mapped_pages: _Optional[int] = ..., tag_blocks_reserved: _Optional[int] = ..., pages_migrated: _Optional[int] = ..., replays: _Optional[int] = ...) -> None: ...
 
 class AddMemoryDeviceRequest(_message.Message):
-    __slots__ = ("vm_id", "device_id", "dimm", "virtio_mem")
+    __slots__ = ("vm_id", "device_id", "dimm", "virtio_mem", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DIMM_FIELD_NUMBER: _ClassVar[int]
     VIRTIO_MEM_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     device_id: str
     dimm: DimmConfig
     virtio_mem: VirtioMemConfig
-    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., dimm: _Optional[_Union[DimmConfig, _Mapping]] = ..., virtio_mem: _Optional[_Union[VirtioMemConfig, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., dimm: _Optional[_Union[DimmConfig, _Mapping]] = ..., virtio_mem: _Optional[_Union[VirtioMemConfig, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DimmConfig(_message.Message):
     __slots__ = ("size_bytes",)
@@ -366,40 +376,46 @@ class VirtioMemConfig(_message.Message):
     def __init__(self, region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_size: _Optional[int] = ...) -> None: ...
 
 class RemoveMemoryDeviceRequest(_message.Message):
-    __slots__ = ("vm_id", "device_id")
+    __slots__ = ("vm_id", "device_id", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     device_id: str
-    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RemoveMemoryDeviceResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ResizeVirtioMemRequest(_message.Message):
-    __slots__ = ("vm_id", "device_id", "requested_size")
+    __slots__ = ("vm_id", "device_id", "requested_size", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     device_id: str
     requested_size: int
-    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., requested_size: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., requested_size: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class VirtioMemRequestRequest(_message.Message):
-    __slots__ = ("vm_id", "device_id", "type", "addr", "nb_blocks")
+    __slots__ = ("vm_id", "device_id", "type", "addr", "nb_blocks", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
     NB_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     device_id: str
     type: VirtioMemRequestType
     addr: int
     nb_blocks: int
-    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., type: _Optional[_Union[VirtioMemRequestType, str]] = ..., addr: _Optional[int] = ..., nb_blocks: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., type: _Optional[_Union[VirtioMemRequestType, str]] = ..., addr: _Optional[int] = ..., nb_blocks: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class VirtioMemRequestResponse(_message.Message):
     __slots__ = ("response", "state")
@@ -410,18 +426,20 @@ class VirtioMemRequestResponse(_message.Message):
     def __init__(self, response: _Optional[_Union[VirtioMemResponse, str]] = ..., state: _Optional[_Union[VirtioMemBlockState, str]] = ...) -> None: ...
 
 class CopyTagsRequest(_message.Message):
-    __slots__ = ("vm_id", "gpa", "length", "direction", "tags")
+    __slots__ = ("vm_id", "gpa", "length", "direction", "tags", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     GPA_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     gpa: int
     length: int
     direction: TagCopyDirection
     tags: bytes
-    def __init__(self, vm_id: _Optional[str] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., direction: _Optional[_Union[TagCopyDirection, str]] = ..., tags: _Optional[bytes] = ...) -> None: ...
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., direction: _Optional[_Union[TagCopyDirection, str]] = ..., tags: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CopyTagsResponse(_message.Message):
     __slots__ = ("tags",)
