@@ -1,7 +1,8 @@
 """vmm_shim: the client a VMM embeds to talk to hostd (see docs/vmm_shim.md).
 
 ``HostClient`` is one connection, ``VmHandle`` one VM; results are the dataclasses below and
-every gRPC error is a :class:`TagStoreClientError` (see :mod:`vmm_shim.client` for the tree).
+every gRPC error is a :class:`TagStoreClientError` (see :mod:`vmm_shim.client` for the tree,
+the retry policy and credentials).
 The ``vmm-shim`` command line is :mod:`vmm_shim.cli`; sizes are parsed by :mod:`vmm_shim.units`.
 """
 
@@ -12,6 +13,7 @@ from vmm_shim.client import (
     DEFAULT_TIMEOUT_S,
     TAG_POLICIES,
     AlreadyExists,
+    DeadlineExceeded,
     DeviceInfo,
     DriveResult,
     EventInfo,
@@ -24,11 +26,13 @@ from vmm_shim.client import (
     MappingRun,
     NotFound,
     PageExtent,
+    PermissionDenied,
     RegionInfo,
     ReservedTagBlock,
     ResourceExhausted,
     StateExport,
     TagStoreClientError,
+    Unauthenticated,
     Unavailable,
     VirtioMemRequestError,
     VmHandle,
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "TAG_POLICIES",
     "AlreadyExists",
+    "DeadlineExceeded",
     "DeviceInfo",
     "DriveResult",
     "EventInfo",
@@ -56,11 +61,13 @@ __all__ = [
     "MappingRun",
     "NotFound",
     "PageExtent",
+    "PermissionDenied",
     "RegionInfo",
     "ReservedTagBlock",
     "ResourceExhausted",
     "StateExport",
     "TagStoreClientError",
+    "Unauthenticated",
     "Unavailable",
     "VirtioMemRequestError",
     "VmHandle",

@@ -4,39 +4,55 @@ Protobuf stays inside this module. Results are frozen dataclasses; enums are pla
 (``"ON_FAULT"``, ``"WRITE"``, ``"TO_GUEST"``, ``"VIRTIO_MEM"``) converted in one place,
 :class:`_EnumNames`. Sizes are bytes, addresses guest-physical.
 
-Calls and retries: every call has a deadline (the client's ``timeout_s``, 10 s by default) that
-covers all its attempts. A call is retried, with bounded exponential backoff, only when its
-status is ``UNAVAILABLE`` and repeating it cannot apply it twice: reads (``GetHost``, ``GetVm``,
-``ListVms``, ``CheckInvariants``, ``ExportState``, health, virtio-mem ``STATE``) always, any other
-call only when gRPC reports that it never reached the daemon (no connection; calls use
-``wait_for_ready=False`` so that they fail fast instead of queueing).
+Credentials: ``HostClient(token=...)`` sends ``authorization: Bearer <token>`` on every call and
+stream (the admin token from ``<state-dir>/admin.token``, or a VM's token). ``create_vm`` keeps
+the new VM's token (``CreateVm`` answers it once, in ``Vm.vm_token``) in the returned
+:class:`VmHandle`, which sends it on that VM's calls; ``host.vm(vm_id, token=...)`` makes such a
+handle for an existing VM. Tokens never appear in reprs or error messages.
+
+Calls and retries: a call may take ``timeout_s`` (10 s by default) in all; one attempt at most
+``attempt_timeout_s`` (half of ``timeout_s`` by default), so that a lost answer leaves time to
+try again. An attempt that fails with ``UNAVAILABLE`` or ``DEADLINE_EXCEEDED`` is repeated, up to
+``max_attempts`` (5) attempts, after a jittered pause that doubles from 50 ms up to 1 s. Reads
+repeat as they are. Every mutating request carries a ``request_id`` (AIP-155), a fresh uuid4 per
+logical call (or the caller's ``request_id=``) and the same on each of its attempts: hostd answers
+a repeat with the first answer and applies nothing twice. ``StreamGuestFaults`` is never repeated
+(its faults carry no id); ``WatchEvents`` is a subscription and is not repeated either.
 
 Exceptions (every gRPC error is translated by :func:`translate_error`, the one mapping)::
 
     TagStoreClientError            code (gRPC code name), reason + metadata (google.rpc.ErrorInfo)
-    ├── InvalidArgument            INVALID_ARGUMENT
+    ├── InvalidArgument            INVALID_ARGUMENT, also raised before sending for a value the
+    │                              request cannot carry (out of range, unknown enum word, ...)
     ├── NotFound                   NOT_FOUND
     ├── AlreadyExists              ALREADY_EXISTS
     ├── FailedPrecondition         FAILED_PRECONDITION
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
-    └── Unavailable                UNAVAILABLE
+    ├── Unauthenticated            UNAUTHENTICATED (no token, or one hostd does not know)
+    ├── PermissionDenied           PERMISSION_DENIED (another VM's token, a VM token on a host call)
+    ├── DeadlineExceeded           DEADLINE_EXCEEDED (after the retries)
+    └── Unavailable                UNAVAILABLE (after the retries)
     VirtioMemRequestError          a STATE request answered NACK/BUSY/ERROR (not a gRPC error)
 
-Misuse of the Python API (an unknown enum string, tags that are not bytes) is a ``ValueError``
-raised before anything is sent. virtio-mem NACK/BUSY/ERROR answers are return values.
+Misuse of the client object itself (a non-positive ``timeout_s``, a token that cannot be a bearer
+token) is a ``ValueError`` raised by the constructor. virtio-mem NACK/BUSY/ERROR answers are
+return values.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -51,6 +67,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "TAG_POLICIES",
     "AlreadyExists",
+    "DeadlineExceeded",
     "DeviceInfo",
     "DriveResult",
     "EventInfo",
@@ -63,11 +80,13 @@ __all__ = [
     "MappingRun",
     "NotFound",
     "PageExtent",
+    "PermissionDenied",
     "RegionInfo",
     "ReservedTagBlock",
     "ResourceExhausted",
     "StateExport",
     "TagStoreClientError",
+    "Unauthenticated",
     "Unavailable",
     "VirtioMemRequestError",
     "VmHandle",
@@ -81,10 +100,13 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 10.0
 # Guest layout fixed by the daemon (docs/design.md): boot RAM starts here.
 BOOT_RAM_GPA = 0x4000_0000
-# Attempts of one retryable call, and the backoff between them (jittered, doubled, capped).
+# Attempts of one call, and the pause between them (jittered, doubled, capped).
 MAX_ATTEMPTS = 5
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 1.0
+# An attempt may use at most this share of the call's timeout, so a lost answer leaves time to
+# try again (with the same request_id).
+ATTEMPT_SHARE = 0.5
 # Blocks per PLUG/UNPLUG request sent by drive_virtio_mem (Linux batches similarly).
 DRIVE_BATCH_BLOCKS = 32
 DRIVE_MAX_REQUESTS = 4096
@@ -93,10 +115,23 @@ MAX_NB_BLOCKS = 0xFFFF
 # Bytes of guest memory described by one tag byte (one 16-byte granule).
 TAG_GRANULE_BYTES = 16
 ERROR_DOMAIN = "tagstore"
+# An error message shows at most this many characters of a bad value.
+VALUE_PREFIX_CHARS = 64
 
-# gRPC's load balancers say this when no connection to the daemon exists: the request was never
-# written to the wire, so even a call that changes state is safe to repeat.
-_NEVER_SENT_MARKERS = ("failed to connect to all addresses", "connections to all backends failing")
+# Attempts failing with these are repeated: the daemon was not reached or the answer was not
+# seen in time. Mutating requests carry a request_id, so hostd never applies a repeat twice.
+_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# RFC 6750 b64token: what can follow "Bearer " in the header (and nothing that could be logged
+# as a second line or break gRPC's ASCII metadata).
+_BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_AUTHORIZATION = "authorization"
+# Largest value of each integer field type a request can carry.
+_INT_RANGES = {
+    FieldDescriptor.TYPE_UINT64: (0, (1 << 64) - 1),
+    FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
+    FieldDescriptor.TYPE_INT64: (-(1 << 63), (1 << 63) - 1),
+    FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+}
 
 
 # -- enums: the one conversion table -----------------------------------------------------------
@@ -110,6 +145,7 @@ class _EnumNames:
     """
 
     def __init__(self, message: Any, field_name: str) -> None:
+        self.field_name = field_name
         self._enum = message.DESCRIPTOR.fields_by_name[field_name].enum_type
         unspecified = self._enum.values_by_number[0].name
         self._prefix = unspecified.removesuffix("UNSPECIFIED")
@@ -119,14 +155,15 @@ class _EnumNames:
             if value.number != 0
         )
 
-    def to_proto(self, name: str, *, what: str) -> Any:
-        """The proto value of ``name`` (case and ``-``/``_`` insensitive); ValueError if unknown.
+    def to_proto(self, name: str) -> Any:
+        """The proto value of ``name`` (case and ``-``/``_`` insensitive); InvalidArgument
+        naming the field if unknown.
 
         Typed ``Any``: an int at runtime, a distinct enum class per field in the stubs.
         """
-        normal = name.strip().upper().replace("-", "_")
+        normal = name.strip().upper().replace("-", "_") if isinstance(name, str) else None
         if normal not in self.names:
-            raise ValueError(f"unknown {what} {name!r}: expected one of {', '.join(self.names)}")
+            raise _invalid_value(self.field_name, name, f"expected one of {', '.join(self.names)}")
         return self._enum.values_by_name[self._prefix + normal].number
 
     def from_proto(self, value: int) -> str:
@@ -177,7 +214,8 @@ class TagStoreClientError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
 
     def __str__(self) -> str:
-        head = f"{self.code} {self.reason}" if self.reason else self.code
+        # The reason adds nothing when it only repeats the code (INVALID_ARGUMENT twice).
+        head = f"{self.code} {self.reason}" if self.reason not in ("", self.code) else self.code
         return f"{head}: {self.message}"
 
 
@@ -201,8 +239,21 @@ class ResourceExhausted(TagStoreClientError):
     """RESOURCE_EXHAUSTED: the host lacks memory, tag storage, slots or address space."""
 
 
+class Unauthenticated(TagStoreClientError):
+    """UNAUTHENTICATED: no token was sent, or hostd knows none like it."""
+
+
+class PermissionDenied(TagStoreClientError):
+    """PERMISSION_DENIED: the token is valid but not for this (another VM's, or a VM token on a
+    host-scoped call)."""
+
+
+class DeadlineExceeded(TagStoreClientError):
+    """DEADLINE_EXCEEDED: no answer within the call's ``timeout_s`` (after the retries)."""
+
+
 class Unavailable(TagStoreClientError):
-    """UNAVAILABLE: the daemon could not be reached (after the retries that were safe)."""
+    """UNAVAILABLE: the daemon could not be reached (after the retries)."""
 
 
 _ERROR_CLASSES: dict[grpc.StatusCode, type[TagStoreClientError]] = {
@@ -211,8 +262,77 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[TagStoreClientError]] = {
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
 }
+
+
+def _value_text(value: object) -> str:
+    """A short, one-line rendering of a bad value for an error message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (sys.int_info.default_max_str_digits)
+        return f"<a {cast(int, value).bit_length()}-bit integer>"
+    if len(text) > VALUE_PREFIX_CHARS:
+        return f"{text[:VALUE_PREFIX_CHARS]}... ({len(text)} characters)"
+    return text
+
+
+def _invalid_value(field_name: str, value: object, problem: str) -> InvalidArgument:
+    """The InvalidArgument for a value a request cannot carry, shaped like hostd's own."""
+    shown = _value_text(value)
+    return InvalidArgument(
+        "INVALID_ARGUMENT",
+        f"{field_name}={shown}: {problem}",
+        reason="INVALID_ARGUMENT",
+        metadata={"field": field_name, "value": shown},
+    )
+
+
+def _message(cls: Callable[[], T], **fields: Any) -> T:
+    """``cls(**fields)``, with any value protobuf would refuse reported as InvalidArgument
+    naming the field (protobuf's own ValueError/TypeError names neither field nor range)."""
+    message = cls()
+    descriptor = cast(Message, message).DESCRIPTOR
+    for name, value in fields.items():
+        if isinstance(value, Message):
+            getattr(message, name).CopyFrom(value)
+            continue
+        try:
+            setattr(message, name, value)
+        except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
+            field_type = descriptor.fields_by_name[name].type
+            bounds = _INT_RANGES.get(field_type)
+            if bounds is not None and isinstance(value, int):
+                problem = f"out of range {bounds[0]}..{bounds[1]}"
+            elif bounds is not None:
+                problem = f"expected an integer, not {type(value).__name__}"
+            elif field_type == FieldDescriptor.TYPE_STRING:
+                problem = "not valid UTF-8 text"
+            else:
+                problem = f"not a valid {name} ({type(value).__name__})"
+            raise _invalid_value(name, value, problem) from None
+    return message
+
+
+def _mutation(cls: Callable[[], T], request_id: str | None, **fields: Any) -> T:
+    """A mutating request: ``_message`` plus its ``request_id`` (the caller's, or a fresh uuid4
+    that every attempt of this logical call repeats)."""
+    return _message(cls, request_id=request_id or str(uuid.uuid4()), **fields)
+
+
+def _check_token(token: str | None, what: str) -> str | None:
+    """``token`` if it can be sent as a bearer token (None or empty: none); ValueError names
+    ``what`` but never echoes the token."""
+    if token is None or token == "":
+        return None
+    if not isinstance(token, str) or not _BEARER_TOKEN_RE.fullmatch(token):
+        raise ValueError(
+            f"{what}: not a bearer token (letters, digits and -._~+/ only, as hostd issues them)"
+        )
+    return token
 
 
 class VirtioMemRequestError(Exception):
@@ -252,12 +372,6 @@ def translate_error(error: grpc.RpcError) -> TagStoreClientError:
                 break
     cls = _ERROR_CLASSES.get(code, TagStoreClientError)
     return cls(code.name, message or code.name, reason=reason, metadata=metadata)
-
-
-def _never_sent(error: grpc.RpcError) -> bool:
-    """Whether an UNAVAILABLE call provably never reached the daemon (no connection)."""
-    details = (cast(grpc.Call, error).details() or "").lower()
-    return any(marker in details for marker in _NEVER_SENT_MARKERS)
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -575,35 +689,54 @@ class EventStream:
 class HostClient:
     """A connection to one hostd (``host:port`` or ``unix:/path``); a context manager.
 
-    ``timeout_s`` is the deadline of each call, retries included. ``channel`` replaces the
-    channel the client would open (tests, custom credentials); the client then does not own it
-    and ``close()`` leaves it open.
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call (None: no credential).
+    ``timeout_s`` bounds each call, retries included; ``attempt_timeout_s`` (default: half of
+    ``timeout_s``) each attempt of it. ``channel`` replaces the channel the client would open
+    (tests, TLS); the client then does not own it and ``close()`` leaves it open.
     """
 
     def __init__(
         self,
         address: str = DEFAULT_ADDRESS,
         *,
+        token: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        attempt_timeout_s: float | None = None,
         max_attempts: int = MAX_ATTEMPTS,
         channel: grpc.Channel | None = None,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s={timeout_s}: must be positive")
+        # `not x > 0` also refuses NaN.
+        if not timeout_s > 0 or timeout_s == float("inf"):
+            raise ValueError(f"timeout_s={timeout_s}: must be a positive number of seconds")
+        if attempt_timeout_s is not None and not attempt_timeout_s > 0:
+            raise ValueError(f"attempt_timeout_s={attempt_timeout_s}: must be positive")
         if max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts}: must be at least 1")
+        self._token = _check_token(token, "token")
         self.address = address
         self.timeout_s = timeout_s
+        self.attempt_timeout_s = (
+            attempt_timeout_s if attempt_timeout_s is not None else timeout_s * ATTEMPT_SHARE
+        )
         self.max_attempts = max_attempts
         self._owns_channel = channel is None
         self._channel = channel if channel is not None else grpc.insecure_channel(address)
         self._stub: Any = pb_grpc.TagStorageStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
 
+    def __repr__(self) -> str:
+        # Says whether a token is set, never which.
+        return f"HostClient({self.address!r}, token={'set' if self._token else None})"
+
     def close(self) -> None:
         """Close the channel (if this client opened it)."""
         if self._owns_channel:
             self._channel.close()
+
+    def _metadata(self, token: str | None = None) -> tuple[tuple[str, str], ...] | None:
+        """The call metadata carrying ``token`` (a VM's), else the client's token, if any."""
+        credential = token or self._token
+        return ((_AUTHORIZATION, f"Bearer {credential}"),) if credential else None
 
     def __enter__(self) -> HostClient:
         return self
@@ -611,24 +744,21 @@ class HostClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # The one place calls are made: deadline, retry policy and error translation.
-    def _invoke(self, attempt: Callable[[float], T], *, safe: bool) -> T:
-        """Run ``attempt(timeout)`` until it succeeds, cannot be retried, or the deadline passes.
-
-        ``safe``: the call cannot double-apply (a read), so any UNAVAILABLE may be retried;
-        otherwise only an UNAVAILABLE that never reached the daemon is.
-        """
+    # The one place calls are made: deadlines, retry policy and error translation. Every call
+    # it makes can be repeated: reads by nature, mutations because their request carries a
+    # request_id that stays the same across attempts.
+    def _invoke(self, attempt: Callable[[float], T]) -> T:
+        """Run ``attempt(timeout)`` until it succeeds, fails for good, or time runs out."""
         deadline = time.monotonic() + self.timeout_s
         backoff = BACKOFF_INITIAL_S
         for attempt_no in itertools.count(1):
             remaining = deadline - time.monotonic()
             try:
-                return attempt(max(remaining, 0.001))
+                return attempt(max(min(remaining, self.attempt_timeout_s), 0.001))
             except grpc.RpcError as error:
                 pause = backoff * random.uniform(0.5, 1.0)
                 retry = (
-                    cast(grpc.Call, error).code() == grpc.StatusCode.UNAVAILABLE
-                    and (safe or _never_sent(error))
+                    cast(grpc.Call, error).code() in _RETRY_CODES
                     and attempt_no < self.max_attempts
                     and time.monotonic() + pause < deadline
                 )
@@ -638,10 +768,11 @@ class HostClient:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _unary(self, method: str, request: Any, *, safe: bool) -> Any:
+    def _unary(self, method: str, request: Any, *, token: str | None = None) -> Any:
         rpc = getattr(self._stub, method)
+        metadata = self._metadata(token)
         return self._invoke(
-            lambda timeout: rpc(request, timeout=timeout, wait_for_ready=False), safe=safe
+            lambda timeout: rpc(request, timeout=timeout, metadata=metadata, wait_for_ready=False)
         )
 
     def health(self) -> bool:
@@ -649,15 +780,15 @@ class HostClient:
         request = health_pb2.HealthCheckRequest(service="")
         try:
             answer = self._invoke(
-                lambda t: self._health.Check(request, timeout=t, wait_for_ready=False), safe=True
+                lambda t: self._health.Check(request, timeout=t, wait_for_ready=False)
             )
-        except Unavailable:
+        except (Unavailable, DeadlineExceeded):
             return False
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
     def host_status(self) -> HostInfo:
         """The host geometry and memory use."""
-        return _host_info(self._unary("GetHost", pb.GetHostRequest(), safe=True))
+        return _host_info(self._unary("GetHost", pb.GetHostRequest()))
 
     def create_vm(
         self,
@@ -668,40 +799,47 @@ class HostClient:
         boot_memory_bytes: int,
         dimm_slots: int = 0,
         max_memory_bytes: int = 0,
+        request_id: str | None = None,
     ) -> VmHandle:
         """Create a VM (boot RAM at :data:`BOOT_RAM_GPA`). ``tag_policy`` is one of
-        :data:`TAG_POLICIES`; None sends UNSPECIFIED (accepted only without MTE)."""
-        request = pb.CreateVmRequest(
+        :data:`TAG_POLICIES`; None sends UNSPECIFIED (accepted only without MTE).
+
+        The handle keeps the VM's token (``vm.vm_token``, empty if hostd issued none) and uses
+        it for the VM's calls: save it if another process is to drive this VM."""
+        request = _mutation(
+            pb.CreateVmRequest,
+            request_id,
             vm_id=vm_id,
             mte_enabled=mte_enabled,
             tag_policy=(
                 pb.TAG_POLICY_UNSPECIFIED
                 if tag_policy is None
-                else _TAG_POLICY.to_proto(tag_policy, what="tag policy")
+                else _TAG_POLICY.to_proto(tag_policy)
             ),
             boot_memory_bytes=boot_memory_bytes,
             dimm_slots=dimm_slots,
             max_memory_bytes=max_memory_bytes,
         )
-        self._unary("CreateVm", request, safe=False)
-        return VmHandle(self, vm_id)
+        answer = self._unary("CreateVm", request)
+        return VmHandle(self, vm_id, token=answer.vm_token or None)
 
-    def vm(self, vm_id: str) -> VmHandle:
-        """A handle on an existing VM (makes no call)."""
-        return VmHandle(self, vm_id)
+    def vm(self, vm_id: str, *, token: str | None = None) -> VmHandle:
+        """A handle on an existing VM (makes no call); ``token`` is the VM's, if the client's
+        own token is not to be used for it."""
+        return VmHandle(self, vm_id, token=token)
 
     def get_vm(self, vm_id: str) -> VmInfo:
         """One VM."""
-        return _vm_info(self._unary("GetVm", pb.GetVmRequest(vm_id=vm_id), safe=True))
+        return _vm_info(self._unary("GetVm", _message(pb.GetVmRequest, vm_id=vm_id)))
 
     def list_vms(self) -> list[VmInfo]:
         """Every VM, ordered by id."""
-        answer = self._unary("ListVms", pb.ListVmsRequest(), safe=True)
+        answer = self._unary("ListVms", pb.ListVmsRequest())
         return [_vm_info(v) for v in answer.vms]
 
     def check_invariants(self) -> list[str]:
         """The model's consistency violations; empty when the state is sound."""
-        answer = self._unary("CheckInvariants", pb.CheckInvariantsRequest(), safe=True)
+        answer = self._unary("CheckInvariants", pb.CheckInvariantsRequest())
         return list(answer.violations)
 
     def export_state(self) -> StateExport:
@@ -711,7 +849,10 @@ class HostClient:
             export = StateExport(page_size=0)
             page_size = 0
             for message in self._stub.ExportState(
-                pb.ExportStateRequest(), timeout=timeout, wait_for_ready=False
+                pb.ExportStateRequest(),
+                timeout=timeout,
+                metadata=self._metadata(),
+                wait_for_ready=False,
             ):
                 chunk = message.WhichOneof("chunk")
                 if chunk == "header":
@@ -741,13 +882,15 @@ class HostClient:
                 page_size, export.page_extents, export.reserved_tag_blocks, export.mapping_runs
             )
 
-        return self._invoke(attempt, safe=True)
+        return self._invoke(attempt)
 
     def watch_events(self, *, include_faults: bool = False) -> EventStream:
         """Subscribe to model events. The stream has no deadline (it is a subscription); it
         returns once the daemon confirmed the subscription, so every later event is seen."""
         call = self._stub.WatchEvents(
-            pb.WatchEventsRequest(include_faults=include_faults), wait_for_ready=False
+            pb.WatchEventsRequest(include_faults=include_faults),
+            metadata=self._metadata(),
+            wait_for_ready=False,
         )
         try:
             call.initial_metadata()  # blocks until the server subscribed (or the call failed)
@@ -757,20 +900,30 @@ class HostClient:
 
 
 class VmHandle:
-    """Operations on one VM of a :class:`HostClient`."""
+    """Operations on one VM of a :class:`HostClient`, sent with the VM's token (``vm_token``)
+    when it has one, else with the client's."""
 
     boot_gpa: int = BOOT_RAM_GPA
 
-    def __init__(self, client: HostClient, vm_id: str) -> None:
+    def __init__(self, client: HostClient, vm_id: str, *, token: str | None = None) -> None:
         self.client = client
         self.vm_id = vm_id
+        self._token = _check_token(token, "VM token")
+
+    @property
+    def vm_token(self) -> str:
+        """The VM's credential ("" if none): what another process needs to drive this VM."""
+        return self._token or ""
 
     def __repr__(self) -> str:
         return f"VmHandle({self.vm_id!r} on {self.client.address})"
 
+    def _unary(self, method: str, request: Any) -> Any:
+        return self.client._unary(method, request, token=self._token)
+
     def info(self) -> VmInfo:
         """The VM and its memory regions."""
-        return self.client.get_vm(self.vm_id)
+        return _vm_info(self._unary("GetVm", _message(pb.GetVmRequest, vm_id=self.vm_id)))
 
     def device(self, device_id: str) -> DeviceInfo:
         """One memory region of the VM (NotFound if it has none of that id)."""
@@ -784,23 +937,29 @@ class VmHandle:
                 metadata={"field": "device_id", "value": device_id},
             ) from None
 
-    def destroy(self) -> None:
+    def destroy(self, *, request_id: str | None = None) -> None:
         """Destroy the VM: its memory, tags and reserved tag storage are freed."""
-        self.client._unary("DestroyVm", pb.DestroyVmRequest(vm_id=self.vm_id), safe=False)
+        self._unary("DestroyVm", _mutation(pb.DestroyVmRequest, request_id, vm_id=self.vm_id))
 
-    def _fault_request(self, gpa: int, length: int, access: str) -> pb.GuestFaultRequest:
-        return pb.GuestFaultRequest(
+    def _fault_request(
+        self, gpa: int, length: int, access: str, request_id: str | None = None
+    ) -> pb.GuestFaultRequest:
+        return _message(
+            pb.GuestFaultRequest,
             vm_id=self.vm_id,
             gpa=gpa,
             length=length,
-            access=_ACCESS.to_proto(access, what="access"),
+            access=_ACCESS.to_proto(access),
+            request_id=request_id or "",
         )
 
-    def fault(self, gpa: int, length: int, access: str = "WRITE") -> FaultOutcome:
+    def fault(
+        self, gpa: int, length: int, access: str = "WRITE", *, request_id: str | None = None
+    ) -> FaultOutcome:
         """Handle a stage-2 fault over ``[gpa, gpa+length)``; ``access`` in :data:`ACCESSES`."""
-        request = self._fault_request(gpa, length, access)
+        request = self._fault_request(gpa, length, access, request_id or str(uuid.uuid4()))
         start = time.perf_counter()
-        answer = self.client._unary("GuestFault", request, safe=False)
+        answer = self._unary("GuestFault", request)
         return _fault_outcome(answer, time.perf_counter() - start)
 
     def fault_stream(
@@ -823,6 +982,7 @@ class VmHandle:
         call = self.client._stub.StreamGuestFaults(
             requests(),
             timeout=timeout_s if timeout_s is not None else self.client.timeout_s,
+            metadata=self.client._metadata(self._token),
             wait_for_ready=False,
         )
         last = time.perf_counter()
@@ -840,81 +1000,129 @@ class VmHandle:
         if misuse:
             raise misuse[0]
 
-    def _copy_tags(self, gpa: int, length: int, direction: str, tags: bytes) -> bytes:
-        request = pb.CopyTagsRequest(
+    def copy_tags_to_guest(self, gpa: int, tags: bytes, *, request_id: str | None = None) -> None:
+        """Write tags (one per byte, 0..15) for ``len(tags) * 16`` bytes of guest memory."""
+        if not isinstance(tags, bytes | bytearray | memoryview):
+            raise _invalid_value("tags", type(tags).__name__, "expected bytes")
+        data = bytes(tags)
+        request = _mutation(
+            pb.CopyTagsRequest,
+            request_id,
+            vm_id=self.vm_id,
+            gpa=gpa,
+            length=len(data) * TAG_GRANULE_BYTES,
+            direction=_DIRECTION.to_proto("TO_GUEST"),
+            tags=data,
+        )
+        self._unary("CopyTags", request)
+
+    def copy_tags_from_guest(self, gpa: int, length: int) -> bytes:
+        """Read the tags of ``length`` bytes of guest memory: ``length / 16`` bytes.
+
+        Repeated as a read, without a request_id: a repeat changes nothing more (pages it
+        faulted in stay mapped) and returns the same tags, so hostd need not remember the
+        answer, which can be large."""
+        request = _message(
+            pb.CopyTagsRequest,
             vm_id=self.vm_id,
             gpa=gpa,
             length=length,
-            direction=_DIRECTION.to_proto(direction, what="direction"),
-            tags=tags,
+            direction=_DIRECTION.to_proto("FROM_GUEST"),
         )
-        return bytes(self.client._unary("CopyTags", request, safe=False).tags)
+        return bytes(self._unary("CopyTags", request).tags)
 
-    def copy_tags_to_guest(self, gpa: int, tags: bytes) -> None:
-        """Write tags (one per byte, 0..15) for ``len(tags) * 16`` bytes of guest memory."""
-        if not isinstance(tags, bytes | bytearray | memoryview):
-            raise ValueError(f"tags must be bytes, not {type(tags).__name__}")
-        data = bytes(tags)
-        self._copy_tags(gpa, len(data) * TAG_GRANULE_BYTES, "TO_GUEST", data)
-
-    def copy_tags_from_guest(self, gpa: int, length: int) -> bytes:
-        """Read the tags of ``length`` bytes of guest memory: ``length / 16`` bytes."""
-        return self._copy_tags(gpa, length, "FROM_GUEST", b"")
-
-    def _add_device(self, device_id: str, **device: Any) -> DeviceInfo:
-        request = pb.AddMemoryDeviceRequest(vm_id=self.vm_id, device_id=device_id, **device)
-        return _device_info(self.client._unary("AddMemoryDevice", request, safe=False))
-
-    def add_dimm(self, device_id: str, size_bytes: int) -> DeviceInfo:
-        """Hot-add a DIMM of ``size_bytes`` (plugged as a whole)."""
-        return self._add_device(device_id, dimm=pb.DimmConfig(size_bytes=size_bytes))
-
-    def add_virtio_mem(
-        self, device_id: str, *, region_size: int, block_size: int, requested_size: int = 0
-    ) -> DeviceInfo:
-        """Hot-add a virtio-mem device; nothing is plugged until the guest asks."""
-        config = pb.VirtioMemConfig(
-            region_size=region_size, block_size=block_size, requested_size=requested_size
-        )
-        return self._add_device(device_id, virtio_mem=config)
-
-    def remove_device(self, device_id: str) -> None:
-        """Hot-remove a DIMM or a virtio-mem device (which must have nothing plugged)."""
-        request = pb.RemoveMemoryDeviceRequest(vm_id=self.vm_id, device_id=device_id)
-        self.client._unary("RemoveMemoryDevice", request, safe=False)
-
-    def resize_virtio_mem(self, device_id: str, requested_size: int) -> DeviceInfo:
-        """Set a virtio-mem device's ``requested_size`` (the operator's ``qom-set``)."""
-        request = pb.ResizeVirtioMemRequest(
-            vm_id=self.vm_id, device_id=device_id, requested_size=requested_size
-        )
-        return _device_info(self.client._unary("ResizeVirtioMem", request, safe=False))
-
-    def _virtio_mem_request(
-        self, device_id: str, kind: str, addr: int = 0, nb_blocks: int = 0
-    ) -> tuple[str, str]:
-        """One guest request; returns (response, block state). Only STATE is retried."""
-        request = pb.VirtioMemRequestRequest(
+    def _add_device(self, device_id: str, request_id: str | None, **device: Any) -> DeviceInfo:
+        request = _mutation(
+            pb.AddMemoryDeviceRequest,
+            request_id,
             vm_id=self.vm_id,
             device_id=device_id,
-            type=_REQUEST_TYPE.to_proto(kind, what="virtio-mem request"),
+            **device,
+        )
+        return _device_info(self._unary("AddMemoryDevice", request))
+
+    def add_dimm(
+        self, device_id: str, size_bytes: int, *, request_id: str | None = None
+    ) -> DeviceInfo:
+        """Hot-add a DIMM of ``size_bytes`` (plugged as a whole)."""
+        config = _message(pb.DimmConfig, size_bytes=size_bytes)
+        return self._add_device(device_id, request_id, dimm=config)
+
+    def add_virtio_mem(
+        self,
+        device_id: str,
+        *,
+        region_size: int,
+        block_size: int,
+        requested_size: int = 0,
+        request_id: str | None = None,
+    ) -> DeviceInfo:
+        """Hot-add a virtio-mem device; nothing is plugged until the guest asks."""
+        config = _message(
+            pb.VirtioMemConfig,
+            region_size=region_size,
+            block_size=block_size,
+            requested_size=requested_size,
+        )
+        return self._add_device(device_id, request_id, virtio_mem=config)
+
+    def remove_device(self, device_id: str, *, request_id: str | None = None) -> None:
+        """Hot-remove a DIMM or a virtio-mem device (which must have nothing plugged)."""
+        request = _mutation(
+            pb.RemoveMemoryDeviceRequest, request_id, vm_id=self.vm_id, device_id=device_id
+        )
+        self._unary("RemoveMemoryDevice", request)
+
+    def resize_virtio_mem(
+        self, device_id: str, requested_size: int, *, request_id: str | None = None
+    ) -> DeviceInfo:
+        """Set a virtio-mem device's ``requested_size`` (the operator's ``qom-set``)."""
+        request = _mutation(
+            pb.ResizeVirtioMemRequest,
+            request_id,
+            vm_id=self.vm_id,
+            device_id=device_id,
+            requested_size=requested_size,
+        )
+        return _device_info(self._unary("ResizeVirtioMem", request))
+
+    def _virtio_mem_request(
+        self,
+        device_id: str,
+        kind: str,
+        addr: int = 0,
+        nb_blocks: int = 0,
+        request_id: str | None = None,
+    ) -> tuple[str, str]:
+        """One guest request; returns (response, block state). STATE is a read and carries no
+        request_id; PLUG, UNPLUG and UNPLUG_ALL do."""
+        request = _message(
+            pb.VirtioMemRequestRequest,
+            vm_id=self.vm_id,
+            device_id=device_id,
+            type=_REQUEST_TYPE.to_proto(kind),
             addr=addr,
             nb_blocks=nb_blocks,
+            request_id="" if kind == "STATE" else request_id or str(uuid.uuid4()),
         )
-        answer = self.client._unary("VirtioMemRequest", request, safe=kind == "STATE")
+        answer = self._unary("VirtioMemRequest", request)
         return _RESPONSE.from_proto(answer.response), _BLOCK_STATE.from_proto(answer.state)
 
-    def virtio_mem_plug(self, device_id: str, addr: int, nb_blocks: int) -> str:
+    def virtio_mem_plug(
+        self, device_id: str, addr: int, nb_blocks: int, *, request_id: str | None = None
+    ) -> str:
         """PLUG: ``"ACK"``, ``"NACK"``, ``"BUSY"`` or ``"ERROR"``."""
-        return self._virtio_mem_request(device_id, "PLUG", addr, nb_blocks)[0]
+        return self._virtio_mem_request(device_id, "PLUG", addr, nb_blocks, request_id)[0]
 
-    def virtio_mem_unplug(self, device_id: str, addr: int, nb_blocks: int) -> str:
+    def virtio_mem_unplug(
+        self, device_id: str, addr: int, nb_blocks: int, *, request_id: str | None = None
+    ) -> str:
         """UNPLUG: ``"ACK"``, ``"NACK"``, ``"BUSY"`` or ``"ERROR"``."""
-        return self._virtio_mem_request(device_id, "UNPLUG", addr, nb_blocks)[0]
+        return self._virtio_mem_request(device_id, "UNPLUG", addr, nb_blocks, request_id)[0]
 
-    def virtio_mem_unplug_all(self, device_id: str) -> str:
+    def virtio_mem_unplug_all(self, device_id: str, *, request_id: str | None = None) -> str:
         """UNPLUG_ALL: ``"ACK"``, ``"BUSY"`` ..."""
-        return self._virtio_mem_request(device_id, "UNPLUG_ALL")[0]
+        return self._virtio_mem_request(device_id, "UNPLUG_ALL", request_id=request_id)[0]
 
     def virtio_mem_state(self, device_id: str, addr: int, nb_blocks: int) -> str:
         """STATE: ``"PLUGGED"``, ``"UNPLUGGED"`` or ``"MIXED"``; raises
