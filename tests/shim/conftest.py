@@ -1,11 +1,13 @@
 """Fixtures of the vmm_shim tests, on top of ``tests/conftest.py`` (``daemon``, ``vm_id``):
 ``host`` (a :class:`vmm_shim.HostClient` of the module's real daemon) and ``cli`` (runs
-``vmm_shim.cli.main`` against it and captures its output)."""
+``vmm_shim.cli.main`` against it and captures its output), both with the daemon's admin token
+once hostd issues one (:func:`admin_token`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +25,24 @@ class CliRun:
     err: str
 
 
+def admin_token(daemon: HostdProcess) -> str | None:
+    """The daemon's admin token, once hostd issues one (issue 9): ``daemon.admin_token`` if the
+    fixture provides it, else ``<state-dir>/admin.token`` if the daemon has a state directory;
+    None for a daemon that asks for no credential."""
+    token = getattr(daemon, "admin_token", None)
+    if token:
+        return str(token)
+    if "--state-dir" in daemon.args:
+        path = Path(daemon.args[daemon.args.index("--state-dir") + 1]) / "admin.token"
+        if path.exists():
+            return path.read_text().strip()
+    return None
+
+
 @pytest.fixture(scope="module")
 def host(daemon: HostdProcess) -> Iterator[HostClient]:
     """A client of the module's daemon."""
-    with HostClient(daemon.address) as client:
+    with HostClient(daemon.address, token=admin_token(daemon)) as client:
         yield client
 
 
@@ -36,7 +52,8 @@ def cli(daemon: HostdProcess, capsys: pytest.CaptureFixture[str]) -> Callable[..
 
     def run(*args: str) -> CliRun:
         capsys.readouterr()
-        code = main(["--host", daemon.address, *args])
+        token = admin_token(daemon)
+        code = main(["--host", daemon.address, *(["--token", token] if token else []), *args])
         captured = capsys.readouterr()
         return CliRun(code, captured.out, captured.err)
 
