@@ -1,12 +1,19 @@
 """``vmm-shim``: drive a hostd from the shell, through :mod:`vmm_shim.client` only.
 
-Exit codes: 0 done (a virtio-mem NACK/BUSY/ERROR answer is an answer, printed, and still 0),
-1 the daemon refused or failed the call (one line on stderr: ``error: CODE REASON: message``),
-2 usage. ``--json`` prints one JSON document for every command (errors too, on stdout, with the
-line on stderr kept). Sizes accept ``2MiB``, ``4GiB``, ``0x1000``.
+Exit codes (docs/vmm_shim.md): 0 done; 1 the daemon refused or failed the call (one line on
+stderr: ``error: CODE REASON: message``); 2 usage (a bad argument, option or environment
+variable: one line on stderr naming it and the value as typed); a virtio-mem request the device
+did not acknowledge prints its answer and exits 3 (NACK), 4 (BUSY) or 5 (ERROR); 130
+interrupted; 141 stdout closed early (``| head``), quietly. Whatever the input, the command
+prints one line on stderr when it fails, never a traceback.
 
-``simulate`` and ``report`` come from :mod:`vmm_shim.simulate` and :mod:`vmm_shim.report` when
-those modules exist and define ``add_cli(subparsers)``.
+``--json`` prints one JSON document for every command (errors too, on stdout, with the line on
+stderr kept). Sizes accept ``2MiB``, ``4GiB``, ``0x1000``. ``TAGSTORE_HOST`` sets the default
+``--host``; ``TAGSTORE_TOKEN`` the default ``--token`` (flags win).
+
+Commands are a parser builder (:func:`build_parser`) and one function per command returning
+``(json value, text)``. ``simulate`` and ``report`` come from :mod:`vmm_shim.simulate` and
+:mod:`vmm_shim.report` when those modules exist and define ``add_cli(subparsers)``.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vmm_shim.client import (
     ACCESSES,
@@ -29,16 +39,28 @@ from vmm_shim.client import (
     HostClient,
     HostInfo,
     TagStoreClientError,
+    Unauthenticated,
     VirtioMemRequestError,
     VmInfo,
 )
-from vmm_shim.units import format_size, parse_address, parse_size
+from vmm_shim.units import U64_MAX, format_size, parse_address, parse_size, quoted
 
 __all__ = ["build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# A virtio-mem request answered other than ACK: the answer is printed, the status says which.
+EXIT_VIRTIO_MEM = {"NACK": 3, "BUSY": 4, "ERROR": 5}
+EXIT_INTERRUPTED = 130
+# 128 + SIGPIPE, what `cat` reports when its reader goes away.
+EXIT_BROKEN_PIPE = 141
+ENV_HOST = "TAGSTORE_HOST"
+ENV_TOKEN = "TAGSTORE_TOKEN"
+U32_MAX = (1 << 32) - 1
+# A deadline longer than a day is a typo; gRPC deadlines also overflow far beyond it.
+MAX_TIMEOUT_S = 86400.0
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", re.ASCII)
 # Tags printed per line by `tags read` (one hex digit per 16-byte granule).
 TAGS_PER_LINE = 64
 
@@ -48,35 +70,109 @@ Handler = Callable[[argparse.Namespace, HostClient], Any]
 # -- argument types ----------------------------------------------------------------------------
 
 
+class Typed(int):
+    """A number parsed from the command line that remembers how it was typed (``text``), so
+    that an error about it can quote the user rather than a converted value."""
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> Typed:
+        typed = super().__new__(cls, value)
+        typed.text = text
+        return typed
+
+
 def _size(text: str) -> int:
     try:
-        return parse_size(text)
+        return Typed(parse_size(text), text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _address(text: str) -> int:
     try:
-        return parse_address(text)
+        return Typed(parse_address(text), text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("size", "address")) from None
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _bounded_count(text: str, what: str, maximum: int) -> int:
+    value_text = text.strip()
+    # int() would take non-ASCII digits and spend quadratic time on a long digit string.
+    if not value_text.isascii() or len(value_text) > 2 + 4 * 24:
+        raise argparse.ArgumentTypeError(f"invalid {what} {quoted(text)}")
+    try:
+        value = int(value_text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid {what} {quoted(text)}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid {what} {quoted(text)}: negative")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"invalid {what} {quoted(text)}: at most {maximum}")
+    return Typed(value, text)
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: negative")
-    return value
+    """A uint64 count (e.g. NB_BLOCKS)."""
+    return _bounded_count(text, "count", U64_MAX)
+
+
+def _count32(text: str) -> int:
+    """A uint32 count (``--dimm-slots``)."""
+    return _bounded_count(text, "count", U32_MAX)
 
 
 def _tag(text: str) -> int:
-    value = _count(text)
-    if value > 15:
-        raise argparse.ArgumentTypeError(f"invalid tag {text!r}: tags are 0..15")
+    return _bounded_count(text, "tag", 15)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seconds {quoted(text)}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(
+            f"invalid seconds {quoted(text)}: must be more than 0 and at most {MAX_TIMEOUT_S:g}"
+        )
     return value
+
+
+def check_host_address(text: str) -> str:
+    """``text`` if it is an address hostd can listen on and the client can reach:
+    ``HOST:PORT`` (a name, IPv4, or ``[IPv6]``; port 1..65535) or ``unix:PATH``; ValueError
+    saying what is wrong, quoting it, otherwise."""
+    if text.startswith("unix:"):
+        if not text.removeprefix("unix:").removeprefix("//"):
+            raise ValueError(f"invalid address {quoted(text)}: no socket path after unix:")
+        return text
+    host, sep, port = text.rpartition(":")
+    expected = "expected HOST:PORT or unix:PATH"
+    if not sep or not host:
+        raise ValueError(f"invalid address {quoted(text)}: {expected}")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"invalid address {quoted(text)}: port {quoted(port)} is not 1..65535")
+    if host.startswith("[") and host.endswith("]"):
+        inner = host[1:-1]
+        ok = bool(inner) and inner.isascii() and all(c in "0123456789abcdefABCDEF:." for c in inner)
+    else:
+        ok = _HOST_NAME_RE.fullmatch(host) is not None
+    if not ok:
+        raise ValueError(f"invalid address {quoted(text)}: host {quoted(host)} is not a host name")
+    return text
+
+
+def _host_address(text: str) -> str:
+    try:
+        return check_host_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def one_line(text: str) -> str:
+    """``text`` fit for one line of stderr: control characters (newlines from a typed value
+    or a daemon message) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -204,7 +300,15 @@ def _vm_create(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
         max_memory_bytes=args.max_memory,
     )
     info = vm.info()
-    return info, _vm_text(info)
+    if not vm.vm_token:
+        return info, _vm_text(info)
+    # The only time hostd tells anyone the token: print it once, with how to use it.
+    text = (
+        f"{_vm_text(info)}\n"
+        f"vm_token: {vm.vm_token}\n"
+        f"(shown once: pass it as {ENV_TOKEN}=... or --token to drive vm {info.vm_id})"
+    )
+    return {**dataclasses.asdict(info), "vm_token": vm.vm_token}, text
 
 
 def _vm_list(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
@@ -242,7 +346,8 @@ def _tags_write(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
     host.vm(args.vm_id).copy_tags_to_guest(args.gpa, tags)
     length = len(tags) * 16
     result = {"vm_id": args.vm_id, "gpa": args.gpa, "length": length, "tags": len(tags)}
-    return result, f"wrote {len(tags)} tag(s) for {format_size(length)} at {args.gpa:#x}"
+    text = f"wrote {len(tags)} tag(s) for {format_size(length, exact=True)} at {args.gpa:#x}"
+    return result, text
 
 
 def _tags_read(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
@@ -286,6 +391,15 @@ def _virtio_mem_resize(args: argparse.Namespace, host: HostClient) -> tuple[Any,
     return device, _devices_text([device])
 
 
+class _NotAcked(Exception):
+    """A virtio-mem request the device answered NACK, BUSY or ERROR: the answer is the
+    command's output, and the exit status (:data:`EXIT_VIRTIO_MEM`) says it was not ACK."""
+
+    def __init__(self, result: Any, text: str, response: str, complaint: str) -> None:
+        super().__init__(complaint)
+        self.result, self.text, self.response = result, text, response
+
+
 def _virtio_mem_answer(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
     vm = host.vm(args.vm_id)
     if args.request == "plug":
@@ -294,11 +408,23 @@ def _virtio_mem_answer(args: argparse.Namespace, host: HostClient) -> tuple[Any,
         response = vm.virtio_mem_unplug(args.device_id, args.addr, args.nb_blocks)
     else:
         response = vm.virtio_mem_unplug_all(args.device_id)
+    if response != "ACK":
+        where = "" if args.request == "unplug-all" else f" {args.addr.text} {args.nb_blocks.text}"
+        complaint = f"virtio-mem {args.request}{where} on {args.device_id!r} answered {response}"
+        raise _NotAcked({"response": response}, response, response, complaint)
     return {"response": response}, response
 
 
 def _virtio_mem_state(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
-    state = host.vm(args.vm_id).virtio_mem_state(args.device_id, args.addr, args.nb_blocks)
+    vm = host.vm(args.vm_id)
+    try:
+        state = vm.virtio_mem_state(args.device_id, args.addr, args.nb_blocks)
+    except VirtioMemRequestError as e:
+        complaint = (
+            f"virtio-mem state {args.addr.text} {args.nb_blocks.text} on {args.device_id!r} "
+            f"answered {e.response}"
+        )
+        raise _NotAcked({"response": e.response}, e.response, e.response, complaint) from None
     return {"response": "ACK", "state": state}, state
 
 
@@ -309,6 +435,15 @@ def _virtio_mem_drive(args: argparse.Namespace, host: HostClient) -> tuple[Any, 
         f"requested: {result.requests} request(s), {result.acks} ACK, {result.nacks} NACK, "
         f"{result.busy} BUSY, {result.errors} ERROR"
     )
+    # drive stops at the first answer that is not ACK: at most one of these is non-zero.
+    stopped_by = [
+        name
+        for name, count in (("NACK", result.nacks), ("BUSY", result.busy), ("ERROR", result.errors))
+        if count
+    ]
+    if stopped_by:
+        complaint = f"virtio-mem drive on {args.device_id!r} stopped at a {stopped_by[0]} answer"
+        raise _NotAcked(result, text, stopped_by[0], complaint)
     return result, text
 
 
@@ -319,13 +454,22 @@ class _UsageError(Exception):
 # -- parser ------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (``PROG: error: ...``), not the usage
+    text plus the error: one line is what a script or a person reads first. Subcommands
+    (including those other modules register) are built with this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
 def _add(
     subparsers: Any, name: str, handler: Handler, help_text: str, json_flag: argparse.ArgumentParser
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         name, help=help_text, description=help_text, parents=[json_flag]
     )
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=handler, command_parser=parser)
     return parser
 
 
@@ -367,17 +511,38 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
-    parser = argparse.ArgumentParser(
-        prog="vmm-shim", description="Talk to hostd, the MTE tag storage daemon."
+    parser = _Parser(
+        prog="vmm-shim",
+        description="Talk to hostd, the MTE tag storage daemon.",
+        epilog=(
+            f"Environment: {ENV_HOST} (default --host), {ENV_TOKEN} (default --token). "
+            "Exit status: 0 done, 1 refused or failed, 2 bad usage, 3/4/5 virtio-mem answered "
+            "NACK/BUSY/ERROR."
+        ),
     )
     parser.add_argument(
-        "--host", default=DEFAULT_ADDRESS, help=f"host:port or unix:/path ({DEFAULT_ADDRESS})"
+        "--host",
+        type=_host_address,
+        default=None,
+        help=f"HOST:PORT or unix:PATH (default ${ENV_HOST}, else {DEFAULT_ADDRESS})",
+    )
+    credential = parser.add_mutually_exclusive_group()
+    credential.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token: the admin token or a VM's (default ${ENV_TOKEN})",
+    )
+    credential.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="read the token from this file (e.g. STATE_DIR/admin.token)",
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=DEFAULT_TIMEOUT_S,
-        help=f"deadline of each call in seconds ({DEFAULT_TIMEOUT_S:g})",
+        help=f"seconds a call may take, retries included ({DEFAULT_TIMEOUT_S:g})",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -399,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tag policy (default on-fault)",
     )
     create.add_argument("--memory", type=_size, required=True, help="boot RAM, e.g. 2GiB")
-    create.add_argument("--dimm-slots", type=_count, default=0, help="DIMM slots")
+    create.add_argument("--dimm-slots", type=_count32, default=0, help="DIMM slots")
     create.add_argument(
         "--max-memory", type=_size, default=0, help="boot RAM + device memory, e.g. 8GiB"
     )
@@ -488,16 +653,90 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- main --------------------------------------------------------------------------------------
 
+# Request fields hostd names in its errors -> the argument (dest) of the command that set them,
+# where the two names differ.
+_FIELD_DESTS = {
+    "boot_memory_bytes": ("memory",),
+    "max_memory_bytes": ("max_memory",),
+    "tag_policy": ("policy",),
+    "size_bytes": ("size",),
+    "requested_size": ("requested_size", "size"),
+}
+
+
+def _as_typed(args: argparse.Namespace, error: TagStoreClientError) -> str:
+    """The refusal's message with the field hostd names (``length=0x1900000000: ...``) shown
+    as the argument the user typed (``LENGTH '100GiB': ...``), when it maps to one."""
+    field = error.metadata.get("field", "")
+    parser: argparse.ArgumentParser | None = getattr(args, "command_parser", None)
+    if not field or parser is None or not error.message.startswith(f"{field}="):
+        return error.message
+    shown = error.metadata.get("value", "")
+    prefix = f"{field}={shown}: "
+    if shown and error.message.startswith(prefix):
+        rest = error.message[len(prefix) :]
+    else:
+        rest = error.message.partition(": ")[2]
+    for dest in _FIELD_DESTS.get(field, (field,)):
+        action = next((a for a in parser._actions if a.dest == dest), None)
+        value = getattr(args, dest, None)
+        if action is None or value is None or not rest:
+            continue
+        typed = value.text if isinstance(value, Typed) else str(value)
+        name = action.option_strings[0] if action.option_strings else str(action.metavar or dest)
+        return f"{name} {quoted(typed)}: {rest}"
+    return error.message
+
 
 def _print_error(args: argparse.Namespace, code: str, reason: str, message: str) -> None:
-    head = f"{code} {reason}" if reason else code
-    print(f"error: {head}: {message}", file=sys.stderr)
+    # The reason adds nothing when it only repeats the code (INVALID_ARGUMENT twice).
+    head = f"{code} {reason}" if reason not in ("", code) else code
+    print(one_line(f"error: {head}: {message}"), file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps({"error": {"code": code, "reason": reason, "message": message}}))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``vmm-shim ARGV``; returns the exit code (0 ok, 1 refused/failed call, 2 usage)."""
+def _usage(message: str) -> int:
+    print(one_line(f"vmm-shim: error: {message}"), file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _resolve_host(args: argparse.Namespace) -> str:
+    """--host, else $TAGSTORE_HOST (checked like --host), else the default address."""
+    if args.host is not None:
+        return str(args.host)
+    from_env = os.environ.get(ENV_HOST, "")
+    if not from_env:
+        return DEFAULT_ADDRESS
+    try:
+        return check_host_address(from_env)
+    except ValueError as e:
+        raise _UsageError(f"{ENV_HOST}: {e}") from None
+
+
+def _resolve_token(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The token and where it came from (--token, --token-file, $TAGSTORE_TOKEN) for messages;
+    the token itself never appears in one."""
+    if args.token is not None:
+        if not args.token:
+            raise _UsageError("argument --token: empty token")
+        return args.token, "argument --token"
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="ascii", errors="replace") as f:
+                token = f.read().strip()
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+            raise _UsageError(
+                f"argument --token-file {quoted(args.token_file)}: {reason}"
+            ) from None
+        if not token:
+            raise _UsageError(f"argument --token-file {quoted(args.token_file)}: empty file")
+        return token, f"the file {quoted(args.token_file)}"
+    return os.environ.get(ENV_TOKEN) or None, ENV_TOKEN
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -505,37 +744,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     handler: Handler | None = getattr(args, "handler", None)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if args.timeout <= 0:
-        parser.print_usage(sys.stderr)
-        print("vmm-shim: error: --timeout must be positive", file=sys.stderr)
-        return EXIT_USAGE
     try:
+        address = _resolve_host(args)
         if handler is None:
-            # A command registered by simulate/report: set_defaults(func=...) -> exit code.
+            # A command registered by another module: set_defaults(func=...) -> exit code.
             if func is None:
-                parser.print_usage(sys.stderr)
-                return EXIT_USAGE
+                return _usage("no command given")
+            # `vmm-shim --host ADDR simulate ...`: simulate's own --host defaults to the global.
+            if args.host is not None and getattr(args, "sim_host", "") is None:
+                args.sim_host = address
             return int(func(args))
-        with HostClient(args.host, timeout_s=args.timeout) as host:
+        token, token_source = _resolve_token(args)
+        try:
+            client = HostClient(address, token=token, timeout_s=args.timeout)
+        except ValueError:  # the token's form; the message must not repeat the token
+            raise _UsageError(
+                f"{token_source}: not a bearer token (letters, digits and -._~+/ only)"
+            ) from None
+        with client as host:
             result, text = handler(args, host)
     except _UsageError as e:
-        parser.print_usage(sys.stderr)
-        print(f"vmm-shim: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except TagStoreClientError as e:
-        _print_error(args, e.code, e.reason, e.message)
+        return _usage(str(e))
+    except _NotAcked as e:
+        print(json.dumps(_jsonable(e.result), indent=2) if args.json else e.text)
+        print(one_line(f"error: {e}"), file=sys.stderr)
+        return EXIT_VIRTIO_MEM[e.response]
+    except Unauthenticated as e:
+        hint = f" (set {ENV_TOKEN} or --token; hostd's admin token is in STATE_DIR/admin.token)"
+        _print_error(args, e.code, e.reason, _as_typed(args, e) + hint)
         return EXIT_ERROR
-    except VirtioMemRequestError as e:
-        _print_error(args, "VIRTIO_MEM", e.response, str(e))
+    except TagStoreClientError as e:
+        _print_error(args, e.code, e.reason, _as_typed(args, e))
         return EXIT_ERROR
     except OSError as e:  # --file / --out
-        _print_error(args, "OS_ERROR", type(e).__name__, str(e))
+        where = f" {quoted(e.filename)}" if e.filename is not None else ""
+        _print_error(args, "OS_ERROR", type(e).__name__, f"{e.strerror or e}{where}")
         return EXIT_ERROR
     if args.json:
         print(json.dumps(_jsonable(result), indent=2))
     else:
         print(text)
     return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vmm-shim ARGV``; returns the exit status (see the module docstring).
+
+    Never raises: a closed stdout ends the command quietly, Ctrl-C with one line, and a bug
+    with one line that says it is one (and the exception's name), not a traceback.
+    """
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader (`head`) has what it wanted. Point stdout at /dev/null so that the
+        # interpreter's final flush does not report the same broken pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("vmm-shim: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug in vmm-shim: still one line, saying so
+        print(
+            one_line(
+                f"vmm-shim: internal error (a bug, please report it): {type(e).__name__}: {e}"
+            ),
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

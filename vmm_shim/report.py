@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import sys
 import time
@@ -380,8 +381,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument(
         "--scenarios", nargs="+", default=None, metavar="SCENARIO", help="default: all shipped"
     )
+    # argparse treats help as a %-format: the extra % keeps the percent sign a literal.
     p.add_argument(
-        "--quick", action="store_true", help=f"run {QUICK_SCALE:.0%} of each scenario's steps"
+        "--quick", action="store_true", help=f"run {QUICK_SCALE:.0%}% of each scenario's steps"
     )
     p.add_argument("--seed", type=int, default=None, help="default: each scenario's seed")
     p.add_argument("--jobs", type=int, default=MAX_JOBS, choices=range(1, MAX_JOBS + 1))
@@ -391,6 +393,15 @@ def add_cli(subparsers: Any) -> None:
 
 def report_command(args: argparse.Namespace) -> int:
     """``vmm-shim report``: 0 when every run passed its checks, 1 if not, 2 for bad input."""
+    # Checked before any simulation runs: the plots come last and need matplotlib.
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        print(
+            "vmm-shim report: error: the plots need matplotlib: pip install 'tagstore[report]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         paths = (
             [find_scenario(s) for s in args.scenarios] if args.scenarios else shipped_scenarios()

@@ -903,6 +903,11 @@ def simulate_command(args: argparse.Namespace) -> int:
     policy = args.policy.upper().replace("-", "_")
     config = RunConfig(memory, scenario.host.page_size, args.placement, args.tag_storage, policy)
     progress = not args.no_progress and sys.stderr.isatty()
+    if args.sim_host is None:
+        print(
+            "vmm-shim simulate: starting a hostd of its own (--host ADDR uses a running one)",
+            file=sys.stderr,
+        )
     try:
         result = run_scenario(scenario, config, args.seed, host=args.sim_host, progress=progress)
     except (TagStoreClientError, RuntimeError) as e:

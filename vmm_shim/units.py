@@ -1,8 +1,10 @@
 """Sizes and addresses as people write them: ``2MiB``, ``4GiB``, ``0x1000``, ``4096``.
 
 Suffixes are binary (``K``/``KiB`` = 1024, as QEMU's ``-m`` reads them) and case-insensitive;
-a bare number is bytes; ``0x``/``0o``/``0b`` prefixes are accepted for plain numbers.
-Misuse is a plain :class:`ValueError` with a message that quotes the input.
+a bare number is bytes; ``0x``/``0o``/``0b`` prefixes are accepted for plain numbers. Digits are
+ASCII, and every value fits the wire's uint64 (at most 2^64 - 1).
+Misuse is a plain :class:`ValueError` with a message that quotes the input as typed (its first
+:data:`QUOTE_CHARS` characters if it is longer).
 """
 
 from __future__ import annotations
@@ -10,12 +12,29 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["GiB", "KiB", "MiB", "TiB", "format_size", "parse_address", "parse_size"]
+__all__ = [
+    "U64_MAX",
+    "GiB",
+    "KiB",
+    "MiB",
+    "TiB",
+    "format_size",
+    "parse_address",
+    "parse_size",
+    "quoted",
+]
 
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
+# Sizes and addresses travel as protobuf uint64.
+U64_MAX = (1 << 64) - 1
+# Characters of a bad input repeated in an error message.
+QUOTE_CHARS = 40
+# More integer digits than any uint64 needs (2^64 has 20): refused before converting, because
+# converting a long digit string costs time quadratic in its length.
+_MAX_DIGITS = 24
 
 # Binary suffixes, shortest spelling first; "B" alone means bytes.
 _SUFFIX_BYTES = {
@@ -34,39 +53,65 @@ _SUFFIX_BYTES = {
     "tb": TiB,
     "tib": TiB,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE | re.ASCII)
 # Largest first: format_size picks the largest unit the value reaches.
 _UNITS = (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB))
 
 
-def parse_size(text: str) -> int:
+def quoted(text: str) -> str:
+    """``text`` as typed, quoted and on one line (control characters escaped), cut to
+    :data:`QUOTE_CHARS` characters."""
+    if len(text) > QUOTE_CHARS:
+        return f"{text[:QUOTE_CHARS]!r}... ({len(text)} characters)"
+    return repr(text)
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
     """Bytes for a size such as ``2MiB``, ``1.5GiB``, ``64k``, ``0x200000`` or ``4096``.
 
     A fraction is accepted only if it names a whole number of bytes (``1.5KiB`` is 1536,
-    ``0.3B`` is refused). Negative sizes are refused.
+    ``0.3B`` is refused). Negative sizes and sizes above :data:`U64_MAX` are refused; ``what``
+    names the value in the message (``invalid address '...'``).
     """
     value = text.strip()
     if len(value) > 2 and value.lower().startswith(("0x", "0o", "0b")):
+        if not value.isascii():
+            raise ValueError(f"invalid {what} {quoted(text)}")
         try:
-            return int(value, 0)
+            size = int(value, 0) if len(value) <= 2 + 4 * _MAX_DIGITS else U64_MAX + 1
         except ValueError:
-            raise ValueError(f"invalid size {text!r}") from None
+            raise ValueError(f"invalid {what} {quoted(text)}") from None
+        return _in_range(size, text, what)
     match = _SIZE_RE.match(value)
     if match is None:
-        raise ValueError(f"invalid size {text!r}: expected e.g. 4096, 0x1000, 2MiB or 4GiB")
+        raise ValueError(f"invalid {what} {quoted(text)}: expected e.g. 4096, 0x1000, 2MiB or 4GiB")
     number, suffix = match.groups()
     unit = _SUFFIX_BYTES.get(suffix.lower())
     if unit is None:
-        raise ValueError(f"invalid size {text!r}: unknown unit {suffix!r} (use KiB, MiB, GiB, TiB)")
+        raise ValueError(
+            f"invalid {what} {quoted(text)}: unknown unit {suffix!r} (use KiB, MiB, GiB, TiB)"
+        )
+    whole, _, fraction = number.partition(".")
+    if len(whole.lstrip("0")) > _MAX_DIGITS:
+        return _in_range(U64_MAX + 1, text, what)
+    # n / 10^k times a unit of at most 2^40 bytes is whole only if k <= 40 (trailing zeros aside).
+    if len(fraction.rstrip("0")) > 40:
+        raise ValueError(f"invalid {what} {quoted(text)}: not a whole number of bytes")
     size = Fraction(number) * unit
     if size.denominator != 1:
-        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-    return int(size)
+        raise ValueError(f"invalid {what} {quoted(text)}: not a whole number of bytes")
+    return _in_range(int(size), text, what)
+
+
+def _in_range(size: int, text: str, what: str) -> int:
+    if size > U64_MAX:
+        raise ValueError(f"invalid {what} {quoted(text)}: larger than 2^64-1 bytes")
+    return size
 
 
 def parse_address(text: str) -> int:
     """A guest-physical address: ``0x40000000``, ``1073741824`` or a size such as ``1GiB``."""
-    return parse_size(text)
+    return parse_size(text, what="address")
 
 
 def format_size(size_bytes: int, *, exact: bool = False) -> str:

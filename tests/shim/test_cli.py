@@ -1,5 +1,5 @@
 """``vmm-shim`` against the real daemon: output, ``--json`` and exit codes (0 done, 1 refused
-with ``error: CODE REASON: message``, 2 usage)."""
+with ``error: CODE REASON: message``, 2 usage, 3/4/5 virtio-mem NACK/BUSY/ERROR)."""
 
 from __future__ import annotations
 
@@ -118,18 +118,36 @@ def test_virtio_mem_add_resize_drive_state_unplug_all(cli: Cli, vm_id: str) -> N
     assert "UNPLUGGED" == cli("virtio-mem", "state", vm_id, "vmem0", gpa, "8").out.strip()
 
 
-def test_a_virtio_mem_answer_other_than_ack_is_printed_with_exit_zero(cli: Cli, vm_id: str) -> None:
+def test_a_virtio_mem_answer_other_than_ack_is_printed_and_exits_with_its_code(
+    cli: Cli, vm_id: str
+) -> None:
+    """The answer is the output; the status says it was not ACK (3 NACK, 5 ERROR), with one
+    line on stderr quoting the request as typed."""
     create(cli, vm_id)
-    cli("virtio-mem", "add", vm_id, "vmem0", "--region-size", "64MiB", "--block-size", "2MiB")
-    run = cli("virtio-mem", "unplug", vm_id, "vmem0", "0x80000000", "1")
-    assert (0, "ERROR") == (run.code, run.out.strip())
+    sizes = ["--region-size", "64MiB", "--block-size", "2MiB", "--requested-size", "2MiB"]
+    added = cli("virtio-mem", "add", vm_id, "vmem0", *sizes, "--json")
+    gpa = json.loads(added.out)["gpa"]
+    run = cli("virtio-mem", "unplug", vm_id, "vmem0", hex(gpa), "1")
+    assert (5, "ERROR") == (run.code, run.out.strip()), "unplugging an unplugged block"
+    assert f"error: virtio-mem unplug {hex(gpa)} 1 on 'vmem0' answered ERROR\n" == run.err
+    assert 0 == cli("virtio-mem", "drive", vm_id, "vmem0").code
+    nack = cli("virtio-mem", "plug", vm_id, "vmem0", hex(gpa + (2 << 20)), "1", "--json")
+    assert (3, {"response": "NACK"}) == (nack.code, json.loads(nack.out)), "beyond requested_size"
+    assert 1 == len(nack.err.splitlines())
+
+
+def test_drive_that_reaches_requested_size_exits_0(cli: Cli, vm_id: str) -> None:
+    create(cli, vm_id)
+    sizes = ["--region-size", "64MiB", "--block-size", "2MiB", "--requested-size", "4MiB"]
+    assert 0 == cli("virtio-mem", "add", vm_id, "vmem0", *sizes).code
+    assert 0 == cli("virtio-mem", "drive", vm_id, "vmem0").code
 
 
 def test_a_refused_call_exits_1_with_code_and_reason(cli: Cli, vm_id: str) -> None:
     create(cli, vm_id)
     run = cli("fault", vm_id, "0x40000001", "4KiB")
     assert 1 == run.code
-    assert run.err.startswith("error: INVALID_ARGUMENT INVALID_ARGUMENT: gpa=")
+    assert run.err.startswith("error: INVALID_ARGUMENT: GPA '0x40000001': must be aligned")
     assert 1 == len(run.err.splitlines())
     again = cli("vm", "create", vm_id, "--memory", "64MiB")
     assert (1, "error: ALREADY_EXISTS VM_ALREADY_EXISTS:") == (again.code, again.err[:40])
@@ -140,11 +158,19 @@ def test_a_refused_call_with_json_also_prints_the_error_as_json(cli: Cli) -> Non
     assert (1, "NOT_FOUND") == (run.code, json.loads(run.out)["error"]["code"])
 
 
-def test_a_state_request_that_is_not_acked_exits_1(cli: Cli, vm_id: str) -> None:
+def test_a_state_request_that_is_not_acked_exits_with_its_code(cli: Cli, vm_id: str) -> None:
     create(cli, vm_id)
     cli("virtio-mem", "add", vm_id, "vmem0", "--region-size", "64MiB", "--block-size", "2MiB")
     run = cli("virtio-mem", "state", vm_id, "vmem0", "0x80000000", "0")
-    assert (1, "error: VIRTIO_MEM ERROR:") == (run.code, run.err[:24])
+    assert (5, "ERROR\n") == (run.code, run.out)
+    assert "error: virtio-mem state 0x80000000 0 on 'vmem0' answered ERROR\n" == run.err
+
+
+def test_the_value_hostd_refuses_is_reported_as_typed(cli: Cli, vm_id: str) -> None:
+    """hostd names the field and its value in bytes; the CLI names the option and what the
+    user typed (not 1536, not a rounded 1.5KiB)."""
+    run = cli("vm", "create", vm_id, "--memory", "1.5KiB")
+    assert "error: INVALID_ARGUMENT: --memory '1.5KiB': must be a multiple of 0x1000\n" == run.err
 
 
 @pytest.mark.parametrize(
@@ -170,7 +196,8 @@ def test_an_unreachable_host_exits_1_unavailable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["--host", f"unix:{tmp_path}/none.sock", "--timeout", "5", "status"])
-    assert (1, "error: UNAVAILABLE:") == (code, capsys.readouterr().err[:19])
+    err = capsys.readouterr().err
+    assert (1, "error: UNAVAILABLE:", 1) == (code, err[:19], len(err.splitlines()))
 
 
 @pytest.mark.parametrize("module_name", ["vmm_shim.simulate", "vmm_shim.report"])
