@@ -43,7 +43,7 @@ from vmm_shim.client import (
     VirtioMemRequestError,
     VmInfo,
 )
-from vmm_shim.units import U64_MAX, format_size, parse_address, parse_size, quoted
+from vmm_shim.units import U64_MAX, format_size, one_line, parse_address, parse_size, quoted
 
 __all__ = ["build_parser", "main"]
 
@@ -60,6 +60,7 @@ ENV_TOKEN = "TAGSTORE_TOKEN"
 U32_MAX = (1 << 32) - 1
 # A deadline longer than a day is a typo; gRPC deadlines also overflow far beyond it.
 MAX_TIMEOUT_S = 86400.0
+_LONG_QUOTE_RE = re.compile(r"'([^']{60,})'")
 _HOST_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", re.ASCII)
 # Tags printed per line by `tags read` (one hex digit per 16-byte granule).
 TAGS_PER_LINE = 64
@@ -167,12 +168,6 @@ def _host_address(text: str) -> str:
         return check_host_address(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def one_line(text: str) -> str:
-    """``text`` fit for one line of stderr: control characters (newlines from a typed value
-    or a daemon message) escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -460,6 +455,8 @@ class _Parser(argparse.ArgumentParser):
     (including those other modules register) are built with this class too."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse quotes whole values ("invalid int value: '999...'"): cut long ones.
+        message = _LONG_QUOTE_RE.sub(lambda m: quoted(m.group(1)), message)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
@@ -777,8 +774,20 @@ def _run(argv: Sequence[str] | None) -> int:
         _print_error(args, e.code, e.reason, _as_typed(args, e))
         return EXIT_ERROR
     except OSError as e:  # --file / --out
-        where = f" {quoted(e.filename)}" if e.filename is not None else ""
-        _print_error(args, "OS_ERROR", type(e).__name__, f"{e.strerror or e}{where}")
+        where = f"{quoted(str(e.filename))}: " if e.filename is not None else ""
+        print(one_line(f"error: {where}{e.strerror or e}"), file=sys.stderr)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "error": {
+                            "code": "OS_ERROR",
+                            "reason": type(e).__name__,
+                            "message": f"{where}{e.strerror or e}",
+                        }
+                    }
+                )
+            )
         return EXIT_ERROR
     if args.json:
         print(json.dumps(_jsonable(result), indent=2))

@@ -28,6 +28,7 @@ from vmm_shim.scenario import (
     shipped_scenarios,
 )
 from vmm_shim.simulate import RunConfig, checks_pass, run_scenario
+from vmm_shim.units import one_line
 
 __all__ = ["QUICK_SCALE", "add_cli", "report_configs", "run_report", "write_report"]
 
@@ -408,7 +409,7 @@ def report_command(args: argparse.Namespace) -> int:
         )
         scenarios = [load_scenario(p) for p in paths]
     except ScenarioError as e:
-        print(f"vmm-shim report: error: {e}", file=sys.stderr)
+        print(one_line(f"vmm-shim report: error: {e}"), file=sys.stderr)
         return EXIT_USAGE
     progress = not args.no_progress and sys.stderr.isatty()
     results = run_report(

@@ -69,7 +69,7 @@ from vmm_shim.scenario import (
     load_scenario,
     make_plan,
 )
-from vmm_shim.units import GiB, format_size, parse_size
+from vmm_shim.units import GiB, format_size, one_line, parse_size
 
 __all__ = [
     "TIMING_KEYS",
@@ -898,7 +898,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         scenario = load_scenario(find_scenario(args.scenario))
         memory = scenario.host.memory if args.memory is None else parse_size(args.memory)
     except (ScenarioError, ValueError) as e:
-        print(f"vmm-shim simulate: error: {e}", file=sys.stderr)
+        print(one_line(f"vmm-shim simulate: error: {e}"), file=sys.stderr)
         return EXIT_USAGE
     policy = args.policy.upper().replace("-", "_")
     config = RunConfig(memory, scenario.host.page_size, args.placement, args.tag_storage, policy)
@@ -911,7 +911,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     try:
         result = run_scenario(scenario, config, args.seed, host=args.sim_host, progress=progress)
     except (TagStoreClientError, RuntimeError) as e:
-        print(f"vmm-shim simulate: error: {e}", file=sys.stderr)
+        print(one_line(f"vmm-shim simulate: error: {e}"), file=sys.stderr)
         return EXIT_FAILED
     if getattr(args, "json", False):
         print(json.dumps(result.summary, indent=2))

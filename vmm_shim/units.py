@@ -19,6 +19,7 @@ __all__ = [
     "MiB",
     "TiB",
     "format_size",
+    "one_line",
     "parse_address",
     "parse_size",
     "quoted",
@@ -64,6 +65,12 @@ def quoted(text: str) -> str:
     if len(text) > QUOTE_CHARS:
         return f"{text[:QUOTE_CHARS]!r}... ({len(text)} characters)"
     return repr(text)
+
+
+def one_line(text: str) -> str:
+    """``text`` fit for one line of stderr: control characters (a newline in a typed value or a
+    file name) escaped as Python would write them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse_size(text: str, *, what: str = "size") -> int:
