@@ -64,6 +64,8 @@ _LONG_QUOTE_RE = re.compile(r"'([^']{60,})'")
 _HOST_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", re.ASCII)
 # Tags printed per line by `tags read` (one hex digit per 16-byte granule).
 TAGS_PER_LINE = 64
+# Bytes of guest memory one tag describes (an MTE granule).
+TAG_GRANULE_BYTES = 16
 
 Handler = Callable[[argparse.Namespace, HostClient], Any]
 
@@ -337,9 +339,14 @@ def _tags_write(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
     else:
         if args.length is None:
             raise _UsageError("tags write --fill needs --length")
-        tags = bytes([args.fill]) * (args.length // 16)
+        if args.length % TAG_GRANULE_BYTES:
+            raise _UsageError(
+                f"argument --length {quoted(args.length.text)}: not a multiple of "
+                f"{TAG_GRANULE_BYTES} bytes (one tag per {TAG_GRANULE_BYTES}-byte granule)"
+            )
+        tags = bytes([args.fill]) * (args.length // TAG_GRANULE_BYTES)
     host.vm(args.vm_id).copy_tags_to_guest(args.gpa, tags)
-    length = len(tags) * 16
+    length = len(tags) * TAG_GRANULE_BYTES
     result = {"vm_id": args.vm_id, "gpa": args.gpa, "length": length, "tags": len(tags)}
     text = f"wrote {len(tags)} tag(s) for {format_size(length, exact=True)} at {args.gpa:#x}"
     return result, text
@@ -349,12 +356,16 @@ def _tags_read(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
     tags = host.vm(args.vm_id).copy_tags_from_guest(args.gpa, args.length)
     digits = "".join(f"{t:x}" for t in tags)
     if args.out is not None:
-        Path(args.out).write_bytes(tags)
+        try:
+            Path(args.out).write_bytes(tags)
+        except OSError as e:  # a failed write (ENOSPC) names no file by itself
+            e.filename = e.filename or args.out
+            raise
         result = {"vm_id": args.vm_id, "gpa": args.gpa, "length": args.length, "out": args.out}
         return result, f"read {len(tags)} tag(s) into {args.out}"
     result = {"vm_id": args.vm_id, "gpa": args.gpa, "length": args.length, "tags": digits}
     lines = [
-        f"{args.gpa + i * 16:#014x}  {digits[i : i + TAGS_PER_LINE]}"
+        f"{args.gpa + i * TAG_GRANULE_BYTES:#014x}  {digits[i : i + TAGS_PER_LINE]}"
         for i in range(0, len(digits), TAGS_PER_LINE)
     ]
     return result, "\n".join(lines)

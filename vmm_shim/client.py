@@ -930,11 +930,12 @@ class VmHandle:
         try:
             return self.info().device(device_id)
         except KeyError:
+            # The refusal hostd gives for an unknown device.
             raise NotFound(
                 "NOT_FOUND",
-                f"vm {self.vm_id!r} has no device {device_id!r}",
-                reason="NOT_FOUND",
-                metadata={"field": "device_id", "value": device_id},
+                f"VM {self.vm_id!r} has no memory device {device_id!r}",
+                reason="DEVICE_NOT_FOUND",
+                metadata={"vm_id": self.vm_id, "device_id": device_id},
             ) from None
 
     def destroy(self, *, request_id: str | None = None) -> None:

@@ -230,3 +230,10 @@ def test_a_command_module_that_fails_to_import_does_not_break_the_others(
     args = parser.parse_args(["shim_broken_command"])
     assert 1 == args.func(args)
     assert "RuntimeError: half written" in capsys.readouterr().err
+
+
+def test_a_fill_length_that_is_not_whole_granules_is_refused_not_rounded(cli: Cli) -> None:
+    """--length 4097 would write 256 tags for 4096 bytes: refused, quoting what was typed."""
+    run = cli("tags", "write", "any-vm", BOOT, "--fill", "1", "--length", "4097")
+    assert (2, 1) == (run.code, len(run.err.splitlines()))
+    assert "argument --length '4097': not a multiple of 16 bytes" in run.err
