@@ -767,7 +767,7 @@ def _run(argv: Sequence[str] | None) -> int:
             client = HostClient(address, token=token, timeout_s=args.timeout)
         except ValueError:  # the token's form; the message must not repeat the token
             raise _UsageError(
-                f"{token_source}: not a bearer token (letters, digits and -._~+/ only)"
+                f"{token_source}: not a bearer token (printable ASCII without spaces)"
             ) from None
         with client as host:
             result, text = handler(args, host)
