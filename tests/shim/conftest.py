@@ -27,13 +27,17 @@ class CliRun:
 
 def admin_token(daemon: HostdProcess) -> str | None:
     """The daemon's admin token, once hostd issues one (issue 9): ``daemon.admin_token`` if the
-    fixture provides it, else ``<state-dir>/admin.token`` if the daemon has a state directory;
-    None for a daemon that asks for no credential."""
+    fixture provides it, else the file given as ``--admin-token-file``, else
+    ``<state-dir>/admin.token``; None for a daemon that asks for no credential."""
     token = getattr(daemon, "admin_token", None)
     if token:
         return str(token)
+    candidates = []
+    if "--admin-token-file" in daemon.args:
+        candidates.append(Path(daemon.args[daemon.args.index("--admin-token-file") + 1]))
     if "--state-dir" in daemon.args:
-        path = Path(daemon.args[daemon.args.index("--state-dir") + 1]) / "admin.token"
+        candidates.append(Path(daemon.args[daemon.args.index("--state-dir") + 1]) / "admin.token")
+    for path in candidates:
         if path.exists():
             return path.read_text().strip()
     return None
