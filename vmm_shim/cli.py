@@ -441,15 +441,17 @@ def _virtio_mem_drive(args: argparse.Namespace, host: HostClient) -> tuple[Any, 
         f"requested: {result.requests} request(s), {result.acks} ACK, {result.nacks} NACK, "
         f"{result.busy} BUSY, {result.errors} ERROR"
     )
-    # drive stops at the first answer that is not ACK: at most one of these is non-zero.
-    stopped_by = [
-        name
-        for name, count in (("NACK", result.nacks), ("BUSY", result.busy), ("ERROR", result.errors))
-        if count
-    ]
-    if stopped_by:
-        complaint = f"virtio-mem drive on {args.device_id!r} stopped at a {stopped_by[0]} answer"
-        raise _NotAcked(result, text, stopped_by[0], complaint)
+    if result.plugged_size != result.requested_size:
+        # Short of the target: say which answer stopped it (a NACK the driver got past, after
+        # re-reading the config, does not count once the target is reached).
+        answers = (("ERROR", result.errors), ("BUSY", result.busy), ("NACK", result.nacks))
+        stopped_by = next((name for name, count in answers if count), None)
+        if stopped_by is not None:
+            complaint = (
+                f"virtio-mem drive on {args.device_id!r} stopped at a {stopped_by} answer, "
+                f"{format_size(result.plugged_size, exact=True)} plugged"
+            )
+            raise _NotAcked(result, text, stopped_by, complaint)
     return result, text
 
 
