@@ -780,7 +780,7 @@ def _run(argv: Sequence[str] | None) -> int:
         print(one_line(f"error: {e}"), file=sys.stderr)
         return EXIT_VIRTIO_MEM[e.response]
     except Unauthenticated as e:
-        hint = f" (set {ENV_TOKEN} or --token; hostd's admin token is in STATE_DIR/admin.token)"
+        hint = f" (vmm-shim reads {ENV_TOKEN}, --token or --token-file)"
         _print_error(args, e.code, e.reason, _as_typed(args, e) + hint)
         return EXIT_ERROR
     except TagStoreClientError as e:

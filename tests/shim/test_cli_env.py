@@ -90,10 +90,8 @@ def test_a_missing_token_is_one_line_saying_where_to_find_one(
     _, address = scripted
     refused = run("--host", address, "status")
     assert 1 == refused.code
-    assert [
-        f"error: UNAUTHENTICATED: no credential (set {ENV_TOKEN} or --token; hostd's admin "
-        "token is in STATE_DIR/admin.token)"
-    ] == refused.err.splitlines()
+    expected = f"error: UNAUTHENTICATED: no credential (vmm-shim reads {ENV_TOKEN}, --token or "
+    assert [expected + "--token-file)"] == refused.err.splitlines()
 
 
 @pytest.mark.parametrize(
