@@ -755,18 +755,21 @@ def _run(argv: Sequence[str] | None) -> int:
     handler: Handler | None = getattr(args, "handler", None)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     try:
-        address = _resolve_host(args)
+        explicit_host = args.host
+        # Commands other modules register read the resolved args.host and args.token.
+        args.host = _resolve_host(args)
+        token, token_source = _resolve_token(args)
         if handler is None:
             # A command registered by another module: set_defaults(func=...) -> exit code.
             if func is None:
                 return _usage("no command given")
+            args.token = token
             # `vmm-shim --host ADDR simulate ...`: simulate's own --host defaults to the global.
-            if args.host is not None and getattr(args, "sim_host", "") is None:
-                args.sim_host = address
+            if explicit_host is not None and getattr(args, "sim_host", "") is None:
+                args.sim_host = args.host
             return int(func(args))
-        token, token_source = _resolve_token(args)
         try:
-            client = HostClient(address, token=token, timeout_s=args.timeout)
+            client = HostClient(args.host, token=token, timeout_s=args.timeout)
         except ValueError:  # the token's form; the message must not repeat the token
             raise _UsageError(
                 f"{token_source}: not a bearer token (printable ASCII without spaces)"

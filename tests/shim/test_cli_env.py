@@ -9,12 +9,14 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from tests.shim.conftest import CliRun
 from tests.shim.servers import PLAIN_INSECURE_CHANNEL, ScriptedHost, serve
+from vmm_shim import cli as cli_module
 from vmm_shim import report
 from vmm_shim.cli import ENV_HOST, ENV_TOKEN, main
 
@@ -153,3 +155,33 @@ def test_simulate_uses_the_global_host(run: Callable[..., CliRun], tmp_path: Pat
     assert 0 != refused.code
     assert "starting a hostd of its own" not in refused.err
     assert "UNAVAILABLE" in refused.err or "none.sock" in refused.err
+
+
+def test_a_command_another_module_registers_gets_the_resolved_host_and_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``add_cli`` commands (qemu, ...) read ``args.host`` and ``args.token``: the values the
+    flags or TAGSTORE_HOST / TAGSTORE_TOKEN give, as for the built-in commands."""
+    (tmp_path / "shim_probe_command.py").write_text(
+        "import json\n"
+        "def add_cli(subparsers):\n"
+        "    p = subparsers.add_parser('probe')\n"
+        "    p.set_defaults(func=lambda args: print(json.dumps([args.host, args.token])) or 0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(ENV_HOST, "unix:/run/probe.sock")
+    monkeypatch.setenv(ENV_TOKEN, "env-token")
+    real_build = cli_module.build_parser
+
+    def build_with_probe() -> Any:
+        parser = real_build()
+        commands = next(a for a in parser._actions if a.dest == "command")
+        assert cli_module._add_optional_cli(commands, "shim_probe_command")
+        return parser
+
+    monkeypatch.setattr(cli_module, "build_parser", build_with_probe)
+    capsys.readouterr()
+    assert 0 == main(["probe"])
+    assert 0 == main(["--host", "127.0.0.1:7", "--token", "flag-token", "probe"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [["unix:/run/probe.sock", "env-token"], ["127.0.0.1:7", "flag-token"]] == lines
