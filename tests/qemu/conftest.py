@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# The vmm-shim fixtures (a HostClient and the in-process CLI of the module's daemon), shared.
+from tests.shim.conftest import cli, host  # noqa: F401
+
 ENABLE_HINT = "run `bash scripts/ensure_qemu.sh` (as root) to enable tests/qemu"
 # Generous bounds for a busy CI machine (TCG boots in ~10 s on 2 idle cores); they bound a
 # hang, they are no performance claim.

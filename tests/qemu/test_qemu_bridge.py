@@ -17,13 +17,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, HostdProcess
-from tests.qemu.conftest import QemuGuest, wait_until
+from tests.qemu.conftest import QemuGuest, qemu_missing, wait_until
 from vmm_shim import HostClient, InvalidArgument
 from vmm_shim.cli import main
 from vmm_shim.qemu_bridge import QemuBridge, QemuBridgeError
 from vmm_shim.qemu_qmp import QmpClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.skipif(bool(qemu_missing()), reason=qemu_missing()),
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+]
 
 MiB = 1 << 20
 VM_ID = "qemu-guest"
