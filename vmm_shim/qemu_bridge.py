@@ -61,8 +61,11 @@ DEFAULT_POLL_INTERVAL_S = 2.0
 DEFAULT_GRACE_S = 10.0
 # A virtio-mem request's nb_blocks is a le16.
 MAX_NB_BLOCKS = 0xFFFF
+# Bytes mirrored per PLUG/UNPLUG request: Linux's driver works one Linux memory block (128 MiB
+# on arm64 with 4K pages) at a time, so a host that cannot back everything still backs a prefix.
+MIRROR_BATCH_BYTES = 128 << 20
 # Requests one sync may send per device before it reports the difference as a problem.
-MAX_SYNC_REQUESTS = 256
+MAX_SYNC_REQUESTS = 4096
 # QMP paths.
 MACHINE_PATH = "/machine"
 PERIPHERAL_PATH = "/machine/peripheral"
@@ -417,11 +420,19 @@ class QemuBridge:
         nb_plugged = sum(plugged)
         requests = 0
         raised_requested = reread = False
+        batch = min(MAX_NB_BLOCKS, max(1, MIRROR_BATCH_BYTES // dev.block_size))
         while nb_plugged != target:
             if requests >= MAX_SYNC_REQUESTS:
-                return self._report(dev, self.vm.device(dev.device_id), requests, "gave up")
+                hd = self.vm.device(dev.device_id)
+                return self._report(
+                    dev,
+                    hd,
+                    requests,
+                    f"not reconciled after {requests} requests (hostd {hd.plugged_size:#x}, "
+                    f"QEMU {dev.plugged_size:#x}); continuing at the next sync",
+                )
             plug = nb_plugged < target
-            first, count = _next_run(plugged, plug, min(abs(target - nb_plugged), MAX_NB_BLOCKS))
+            first, count = _next_run(plugged, plug, min(abs(target - nb_plugged), batch))
             addr = hd.gpa + first * hd.block_size
             if plug:
                 answer = self.vm.virtio_mem_plug(dev.device_id, addr, count)

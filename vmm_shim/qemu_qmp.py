@@ -48,6 +48,10 @@ class QmpConnectionError(OSError):
     """No QMP connection: QEMU is not listening there, or it closed the connection (exited)."""
 
 
+class _QmpTimeout(QmpConnectionError):
+    """QEMU sent nothing in time (connected, but busy, hung, or serving another client)."""
+
+
 def parse_qmp_address(address: str) -> tuple[int, Any]:
     """``unix:PATH`` or ``HOST:PORT`` (QEMU's ``-qmp`` spelling, also ``tcp:HOST:PORT``) as a
     socket family and address; ValueError naming the address otherwise."""
@@ -78,7 +82,13 @@ class QmpClient:
         try:
             self._sock.settimeout(timeout_s)
             self._sock.connect(sockaddr)
-            greeting = self._read_message(time.monotonic() + timeout_s)
+            try:
+                greeting = self._read_message(time.monotonic() + timeout_s)
+            except _QmpTimeout:
+                raise QmpConnectionError(
+                    f"{address}: no QMP greeting within {timeout_s:g}s (a QMP socket serves one "
+                    "client at a time: is another one connected?)"
+                ) from None
             if "QMP" not in greeting:
                 raise QmpConnectionError(f"{address}: not a QMP greeting: {greeting!r:.200}")
             self.version: dict[str, Any] = greeting["QMP"].get("version", {})
@@ -106,7 +116,7 @@ class QmpClient:
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise QmpConnectionError(f"{self.address}: QEMU did not answer in time")
+                raise _QmpTimeout(f"{self.address}: QEMU did not answer in time")
             self._sock.settimeout(remaining)
             try:
                 chunk = self._sock.recv(_READ_CHUNK)

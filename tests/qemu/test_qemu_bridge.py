@@ -36,6 +36,8 @@ DEVICE = "vm0"
 # The guest driver and the bridge's poll (1 s) settle well within this on an idle machine.
 SETTLE_TIMEOUT_S = 120.0
 GRACE_S = 2.0
+# Too small to back the whole 1 GiB virtio-mem region (with 256 MiB of boot RAM) under EAGER.
+SMALL_HOST = "1GiB"
 
 
 @dataclass
@@ -212,11 +214,11 @@ def test_hostd_restarted_without_state_gets_the_vm_registered_again(
     qemu_guest: QemuGuest,
     follower: Follower,
 ) -> None:
-    """hostd killed and started again with no store: the following bridge reconnects,
-    registers the VM again and mirrors the plugged size QEMU has."""
+    """hostd killed and started again with no store (on a smaller host, 1 GiB): the following
+    bridge reconnects, registers the VM again and mirrors the plugged size QEMU has."""
     hostd.process.proc.kill()
     hostd.process.proc.wait()
-    hostd.process = hostd_process("--listen", hostd.address)
+    hostd.process = hostd_process("--listen", hostd.address, "--memory", SMALL_HOST)
     with HostClient(hostd.address) as host:
         wait_until(
             lambda: (
@@ -228,6 +230,53 @@ def test_hostd_restarted_without_state_gets_the_vm_registered_again(
         )
         assert [] == host.check_invariants()
     assert follower.proc.poll() is None
+
+
+def test_a_plug_hostd_cannot_back_is_reported_not_ignored(
+    bridge: QemuBridge,
+    qemu_guest: QemuGuest,
+    follower: Follower,
+) -> None:
+    """requested-size set in QEMU behind hostd's back (plain qom-set, no admission), beyond what
+    the 1 GiB host can back: the guest plugs it all, hostd backs what it can, and the difference
+    is logged (and left for the next test to see in ``qemu status``)."""
+    assert bridge.qmp is not None
+    bridge.qmp.qom_set(f"/machine/peripheral/{DEVICE}", "requested-size", 1024 * MiB)
+    wait_until(
+        lambda: bridge.machine().device(DEVICE).plugged_size == 1024 * MiB,
+        SETTLE_TIMEOUT_S,
+        "the guest driver to plug the whole region",
+    )
+    wait_until(
+        lambda: "hostd answered NACK to PLUG" in follower.output(),
+        SETTLE_TIMEOUT_S,
+        f"the bridge to report the difference\n{follower.output()}",
+    )
+    dev = bridge.vm.device(DEVICE)
+    # hostd followed QEMU's requested size and backs a prefix of the blocks, not all of them.
+    assert 1024 * MiB == dev.requested_size
+    assert 128 * MiB <= dev.plugged_size < 1024 * MiB
+    assert dev.plugged_size == dev.tagged_bytes
+    assert "was not admitted by hostd" in follower.output()
+    assert [] == bridge.host.check_invariants()
+
+
+def test_status_shows_the_difference_until_a_resize_through_the_bridge_resolves_it(
+    hostd: Hostd, qemu_guest: QemuGuest, follower: Follower, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The difference left by the previous test is DIFFERS in ``qemu status``; resizing back to
+    what the host can back (through the bridge) brings both sides together again."""
+    capsys.readouterr()
+    main(["--host", hostd.address, "qemu", "status", VM_ID, "--qmp", qemu_guest.control_qmp])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(DEVICE))
+    assert row.endswith("DIFFERS")
+
+    with QemuBridge.connect(
+        VM_ID, qmp_address=qemu_guest.control_qmp, host_address=hostd.address
+    ) as bridge:
+        _resize_and_settle(bridge, 128 * MiB)
+        assert 128 * MiB == bridge.vm.device(DEVICE).plugged_size
+        assert [] == bridge.host.check_invariants()
 
 
 def test_qemu_killed_the_vm_is_destroyed_after_the_grace_period(
