@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -358,8 +359,8 @@ def _run(args: argparse.Namespace) -> int:
         return _error(args, "QEMU", type(e).__name__, str(e))
     except QemuBridgeError as e:
         return _error(args, "BRIDGE", "", str(e))
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2))
-    else:
-        print(text)
+    try:
+        print(json.dumps(result, indent=2) if getattr(args, "json", False) else text, flush=True)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK

@@ -444,6 +444,13 @@ class QemuBridge:
                 nb_plugged += count if plug else -count
                 continue
             hd = self.vm.device(dev.device_id)
+            if not reread:
+                # Another mirror (e.g. `resize --wait` beside `attach --follow`) may have changed
+                # the blocks since they were read: read them again, once, before judging.
+                reread = True
+                plugged = _hostd_plugged_blocks(self.vm, hd)
+                nb_plugged = sum(plugged)
+                continue
             if answer == "NACK" and not raised_requested and dev.requested_size > hd.requested_size:
                 # The guest plugged past hostd's requested size: requested-size was set in QEMU
                 # without admission. hostd follows QEMU, which the guest already obeys.
@@ -463,16 +470,9 @@ class QemuBridge:
                         dev, hd, requests, f"hostd refuses QEMU's requested-size: {e}"
                     )
                 continue
-            if answer == "ERROR" and not reread:
-                # Another bridge (e.g. `resize --wait` beside `attach --follow`) changed the
-                # blocks since they were read: read them again, once.
-                reread = True
-                plugged = _hostd_plugged_blocks(self.vm, hd)
-                nb_plugged = sum(plugged)
-                continue
             what = "PLUG" if plug else "UNPLUG"
             why = {
-                "NACK": "beyond hostd's requested size",
+                "NACK": "beyond hostd's requested size, or hostd cannot back them",
                 "BUSY": "hostd cannot back the blocks now",
                 "ERROR": "hostd's block state differs from the bridge's",
             }.get(answer, answer)
