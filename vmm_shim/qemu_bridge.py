@@ -41,7 +41,7 @@ from vmm_shim.client import (
     VmHandle,
     VmInfo,
 )
-from vmm_shim.qemu_qmp import DEFAULT_QMP_TIMEOUT_S, QmpClient, QmpConnectionError
+from vmm_shim.qemu_qmp import DEFAULT_QMP_TIMEOUT_S, QmpClient, QmpConnectionError, QmpError
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -134,9 +134,7 @@ def read_machine(qmp: QmpClient) -> QemuMachine:
     ``query-memory-devices``)."""
     try:
         mte = bool(qmp.qom_get(MACHINE_PATH, "mte"))
-    except Exception as e:  # machines without the property (not 'virt'): no MTE
-        if isinstance(e, QmpConnectionError):
-            raise
+    except QmpError:  # a machine without the property (not 'virt') has no MTE
         mte = False
     summary = qmp.execute("query-memory-size-summary")
     devices: list[QemuVirtioMem] = []
