@@ -121,7 +121,8 @@ def _resize_and_settle(bridge: QemuBridge, size: int) -> None:
 
 def test_attach_registers_the_guest_as_qemu_sees_it(bridge: QemuBridge) -> None:
     """attach creates the VM with QEMU's MTE flag and boot RAM, EAGER, and the virtio-mem device
-    with QEMU's region and block size; hostd's plugged size follows QEMU's at once."""
+    with QEMU's region and block size; hostd's plugged size follows QEMU's at once. A second
+    attach accepts the matching registration and changes nothing."""
     wait_until(lambda: _in_sync(bridge), SETTLE_TIMEOUT_S, "hostd to mirror QEMU")
     machine = bridge.machine()
     vm = bridge.vm.info()
@@ -135,6 +136,12 @@ def test_attach_registers_the_guest_as_qemu_sees_it(bridge: QemuBridge) -> None:
     assert 64 * MiB == dev.tagged_bytes
     assert 256 * MiB + 64 * MiB == vm.tagged_bytes
     assert [] == bridge.host.check_invariants()
+    # Attaching again (a restarted bridge) finds the matching registration and nothing to do.
+    again = bridge.attach()
+    assert [(DEVICE, 64 * MiB, 64 * MiB, 0, "")] == [
+        (s.device_id, s.qemu_plugged_size, s.hostd_plugged_size, s.requests, s.problem)
+        for s in again
+    ]
 
 
 def test_guest_resizes_are_mirrored_and_tag_storage_follows_under_eager(
