@@ -8,6 +8,7 @@ previous one left the guest. After every step hostd's plugged size equals QEMU's
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -245,8 +246,8 @@ def test_a_plug_hostd_cannot_back_is_reported_not_ignored(
     follower: Follower,
 ) -> None:
     """requested-size set in QEMU behind hostd's back (plain qom-set, no admission), beyond what
-    the 1 GiB host can back: the guest plugs it all, hostd backs what it can, and the difference
-    is logged (and left for the next test to see in ``qemu status``)."""
+    the 1 GiB host can back: the guest plugs it all, hostd is asked to follow and backs what it
+    can, and the difference is logged (and left for the next test to see in ``qemu status``)."""
     assert bridge.qmp is not None
     bridge.qmp.qom_set(f"/machine/peripheral/{DEVICE}", "requested-size", 1024 * MiB)
     wait_until(
@@ -254,17 +255,19 @@ def test_a_plug_hostd_cannot_back_is_reported_not_ignored(
         SETTLE_TIMEOUT_S,
         "the guest driver to plug the whole region",
     )
+    # Reported either way hostd refuses: a PLUG it cannot back (NACK or BUSY), or QEMU's
+    # requested size itself (ResizeVirtioMem refusing what the host cannot back).
+    reported = re.compile(r"vm0: hostd (answered (NACK|BUSY) to PLUG|refuses QEMU's requested)")
     wait_until(
-        lambda: "hostd answered NACK to PLUG" in follower.output(),
+        lambda: reported.search(follower.output()) is not None,
         SETTLE_TIMEOUT_S,
         f"the bridge to report the difference\n{follower.output()}",
     )
+    assert "was not admitted by hostd" in follower.output()
     dev = bridge.vm.device(DEVICE)
-    # hostd followed QEMU's requested size and backs a prefix of the blocks, not all of them.
-    assert 1024 * MiB == dev.requested_size
+    # hostd backs what it can (at least what was plugged before), not everything.
     assert 128 * MiB <= dev.plugged_size < 1024 * MiB
     assert dev.plugged_size == dev.tagged_bytes
-    assert "was not admitted by hostd" in follower.output()
     assert [] == bridge.host.check_invariants()
 
 
