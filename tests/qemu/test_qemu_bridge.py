@@ -9,8 +9,10 @@ previous one left the guest. After every step hostd's plugged size equals QEMU's
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,14 @@ class Hostd:
     """The module's daemon; replaced when a test restarts it (same address)."""
 
     process: HostdProcess
+    state_dir: Path
+
+    @property
+    def restart_args(self) -> list[str]:
+        """A smaller host (1 GiB) on the same address, with a state store."""
+        return [
+            "--listen", self.address, "--memory", SMALL_HOST, "--state-dir", str(self.state_dir),
+        ]  # fmt: skip
 
     @property
     def address(self) -> str:
@@ -64,9 +74,9 @@ class Follower:
 
 
 @pytest.fixture(scope="module")
-def hostd(hostd_process: Callable[..., HostdProcess]) -> Hostd:
-    """A daemon of its own (the tests restart it)."""
-    return Hostd(hostd_process())
+def hostd(hostd_process: Callable[..., HostdProcess], short_tmp: Path) -> Hostd:
+    """A daemon of its own (the tests restart it, then with a state store)."""
+    return Hostd(hostd_process(), short_tmp / f"qemu-hostd-state-{time.monotonic_ns()}")
 
 
 @pytest.fixture(scope="module")
@@ -222,11 +232,11 @@ def test_hostd_restarted_without_state_gets_the_vm_registered_again(
     qemu_guest: QemuGuest,
     follower: Follower,
 ) -> None:
-    """hostd killed and started again with no store (on a smaller host, 1 GiB): the following
-    bridge reconnects, registers the VM again and mirrors the plugged size QEMU has."""
+    """hostd killed and started again with an empty store (on a smaller host, 1 GiB): the
+    following bridge reconnects, registers the VM again and mirrors the plugged size QEMU has."""
     hostd.process.proc.kill()
     hostd.process.proc.wait()
-    hostd.process = hostd_process("--listen", hostd.address, "--memory", SMALL_HOST)
+    hostd.process = hostd_process(*hostd.restart_args)
     with HostClient(hostd.address) as host:
         wait_until(
             lambda: (
@@ -237,6 +247,28 @@ def test_hostd_restarted_without_state_gets_the_vm_registered_again(
             f"the bridge to register the VM again\n{follower.output()}",
         )
         assert [] == host.check_invariants()
+    assert follower.proc.poll() is None
+
+
+def test_hostd_restarted_with_its_store_keeps_the_vm_and_the_bridge_carries_on(
+    hostd: Hostd,
+    hostd_process: Callable[..., HostdProcess],
+    qemu_guest: QemuGuest,
+    follower: Follower,
+) -> None:
+    """hostd stopped and started again on its state store: the VM is still registered as the
+    bridge left it, and mirroring goes on (a resize through the bridge settles on both sides)."""
+    hostd.process.signal(signal.SIGTERM)
+    assert 0 == hostd.process.wait()
+    hostd.process = hostd_process(*hostd.restart_args)
+    with QemuBridge.connect(
+        VM_ID, qmp_address=qemu_guest.control_qmp, host_address=hostd.address
+    ) as bridge:
+        assert 128 * MiB == bridge.vm.device(DEVICE).plugged_size
+        _resize_and_settle(bridge, 192 * MiB)
+        _resize_and_settle(bridge, 128 * MiB)
+        assert 128 * MiB == bridge.vm.device(DEVICE).tagged_bytes
+        assert [] == bridge.host.check_invariants()
     assert follower.proc.poll() is None
 
 
