@@ -29,7 +29,7 @@ from vmm_shim.qemu_bridge import (
     QemuMachine,
     VirtioMemSync,
 )
-from vmm_shim.qemu_qmp import QmpConnectionError, QmpError
+from vmm_shim.qemu_qmp import QmpConnectionError, QmpError, parse_qmp_address
 from vmm_shim.units import format_size, parse_size
 
 __all__ = ["add_cli"]
@@ -86,6 +86,7 @@ def add_cli(subparsers: Any) -> None:
         sub.add_argument(
             "--qmp",
             required=qmp_required,
+            type=_qmp_address,
             metavar="ADDR",
             help="QEMU's QMP socket: unix:/path/qmp.sock or host:port",
         )
@@ -177,6 +178,19 @@ def _syncs_text(syncs: Sequence[VirtioMemSync]) -> str:
     return "\n".join([_table(header, rows), *problems])
 
 
+def _qmp_address(text: str) -> str:
+    """argparse type for ``--qmp``: checked before anything connects (a usage error)."""
+    try:
+        parse_qmp_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+class _NothingKnown(Exception):
+    """Neither QEMU nor hostd knows the VM: there is no status to show."""
+
+
 def _status(bridge: QemuBridge, qemu_error: str) -> tuple[dict[str, Any], str]:
     """Both sides, read now: never changes anything (no sync)."""
     machine: QemuMachine | None = None
@@ -192,6 +206,11 @@ def _status(bridge: QemuBridge, qemu_error: str) -> tuple[dict[str, Any], str]:
         vm = bridge.vm.info()
     except NotFound:
         vm = None
+    if vm is None and machine is None:
+        raise _NothingKnown(
+            f"VM {bridge.vm_id!r} is not registered in hostd and QEMU was not reached "
+            f"({qemu_error})"
+        )
     tag_reserved = bridge.host.host_status().tag_reserved_bytes
 
     def onoff(flag: bool) -> str:
@@ -359,6 +378,8 @@ def _run(args: argparse.Namespace) -> int:
         return _error(args, "QEMU", type(e).__name__, str(e))
     except QemuBridgeError as e:
         return _error(args, "BRIDGE", "", str(e))
+    except _NothingKnown as e:
+        return _error(args, "NOT_FOUND", "", str(e))
     try:
         print(json.dumps(result, indent=2) if getattr(args, "json", False) else text, flush=True)
     except BrokenPipeError:  # `| head`: the reader has what it wanted

@@ -63,11 +63,12 @@ def test_attach_with_nothing_listening_fails_naming_the_socket(cli: Cli, nobody:
 
 
 def test_a_peer_that_is_not_qmp_is_refused(cli: Cli, not_qmp: str) -> None:
-    """Something other than QEMU at --qmp: status says QEMU's side is missing because the peer
-    does not speak QMP (and still shows hostd's side, exit 0)."""
+    """Something other than QEMU at --qmp, for a VM hostd does not know either: status has
+    nothing to show, exits 1 and says why QEMU's side is missing (the peer is not QMP)."""
     run = cli("qemu", "status", "g", "--qmp", not_qmp)
-    assert 0 == run.code  # status still shows hostd's side ...
-    assert "not QMP" in run.out  # ... and why QEMU's is missing
+    assert 1 == run.code
+    assert 1 == len(run.err.splitlines())
+    assert "not QMP" in run.err
 
 
 def test_status_without_qemu_shows_hostd_side(
