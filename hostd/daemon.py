@@ -363,7 +363,9 @@ async def _bind(
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_concurrent_streams", limits.max_streams_per_client),
+            # Per connection, unary calls included: room for every stream the limits allow
+            # and for calls beside them, so that the limits answer RESOURCE_EXHAUSTED first.
+            ("grpc.max_concurrent_streams", limits.max_streams + 100),
             ("grpc.max_metadata_size", 16 * 1024),
         ],
     )
