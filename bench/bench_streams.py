@@ -128,9 +128,14 @@ def main() -> int:
             "health": latencies_ms(check, args.calls),
             "GetHost": latencies_ms(get_host, args.calls),
         }
-        with StreamLoad(address, vm_md, "load", nr_fault_streams=args.streams,
-                        nr_watchers=0) as faults, StreamLoad(
-                address, admin, "load", nr_fault_streams=0, nr_watchers=args.watchers) as watch:  # fmt: skip
+        # The VMM's fault streams carry its VM token; the watchers are the admin's.
+        fault_load = StreamLoad(
+            address, vm_md, "load", nr_fault_streams=args.streams, nr_watchers=0
+        )
+        watch_load = StreamLoad(
+            address, admin, "load", nr_fault_streams=0, nr_watchers=args.watchers
+        )
+        with fault_load as faults, watch_load as watch:
             loaded = {
                 "health": latencies_ms(check, args.calls),
                 "GetHost": latencies_ms(get_host, args.calls),
