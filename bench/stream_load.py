@@ -37,7 +37,7 @@ class StreamLoad:
         *,
         nr_fault_streams: int = 64,
         nr_watchers: int = 8,
-        fault_interval_s: float = 0.05,
+        fault_interval_s: float = 0.25,
         watch_read_interval_s: float = 1.0,
     ) -> None:
         self._address = address
