@@ -13,7 +13,9 @@ coroutine, not a thread. The :class:`~hostd.model.Host` has one owner, ``lock`` 
   there run in arrival order; expensive host-scoped calls (CheckInvariants, ExportState) also
   run one at a time.
 
-Either way health checks and cheap calls keep being answered while a long call runs.
+Either way the loop stays free: health checks, refusals and streams keep being served while a
+long call (or the metrics thread's invariant check) holds the lock; calls that need the host wait
+for it on the model thread, in order.
 
 Work whose caller has gone is not done: ``_call`` checks the deadline and cancellation before
 queuing, and again on the model thread before and after it waits for the lock. A cancelled call
@@ -205,7 +207,7 @@ class _EventQueue:
     """A bounded FIFO fed by a host subscription; when full, the oldest event is dropped.
 
     ``notify`` is called (from whichever thread holds the host lock) when the queue turns
-    non-empty; the WatchEvents coroutine waits for it with :meth:`TagStorageServicer` help.
+    non-empty after :meth:`pop` found it empty; WatchEvents uses it to wake its coroutine.
     """
 
     def __init__(
@@ -322,6 +324,8 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         """
         self._authorize(context, method, args)
         deadline = _deadline(context)
+        if _expired(deadline) or context.cancelled():
+            raise _CallerGone
         if method in EXPENSIVE:
             # One at a time: a burst of checks queues here, on the loop, where a caller that
             # gives up costs nothing (its coroutine is cancelled).
