@@ -586,8 +586,10 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
             notify=functools.partial(loop.call_soon_threadsafe, ready.set),
         )
         self._watchers.add(ready)
-        await self._with_lock(lambda: self.host.subscribe(queue.put))
         try:
+            # Inside the try: a client that goes away while the subscription waits for the
+            # lock still gets unsubscribed (on the model thread, after the subscription).
+            await self._with_lock(lambda: self.host.subscribe(queue.put))
             # Headers go out once the subscription is active: a client that waits for them
             # (``call.initial_metadata()``) sees every event caused after that.
             await context.send_initial_metadata(())
