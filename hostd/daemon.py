@@ -46,6 +46,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hostd.api.auth import ADMIN_TOKEN_FILE, VM_TOKENS_FILE, CredentialError, Credentials
 from hostd.api.limits import (
+    DEFAULT_EVENT_QUEUE_SIZE,
     DEFAULT_MAX_DEVICES_PER_VM,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_STREAMS_PER_CLIENT,
@@ -483,6 +484,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 max_devices_per_vm=args.max_devices_per_vm,
                 max_streams=args.max_streams,
                 max_streams_per_client=args.max_streams_per_client,
+                event_queue_size=args.max_queued_events,
             ),
         )
     except (StateError, ListenError, CredentialError) as e:
@@ -572,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-devices-per-vm", DEFAULT_MAX_DEVICES_PER_VM, "memory devices in one VM"),
         ("--max-streams", DEFAULT_MAX_STREAMS, "open streams in all"),
         ("--max-streams-per-client", DEFAULT_MAX_STREAMS_PER_CLIENT, "open streams per token"),
+        (
+            "--max-queued-events",
+            DEFAULT_EVENT_QUEUE_SIZE,
+            "events queued per WatchEvents stream (the oldest are dropped, counted)",
+        ),
     ):
         s.add_argument(flag, type=int, default=default, metavar="N", help=f"cap on {what}")
     s.set_defaults(func=_cmd_serve)
@@ -597,7 +604,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve" and args.snapshot_every < 1:
         parser.error("--snapshot-every must be at least 1")
     if args.command == "serve":
-        for flag in ("max_vms", "max_devices_per_vm", "max_streams", "max_streams_per_client"):
+        for flag in (
+            "max_vms",
+            "max_devices_per_vm",
+            "max_streams",
+            "max_streams_per_client",
+            "max_queued_events",
+        ):
             if getattr(args, flag) < 1:
                 parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     configure_logging(args.log_level)

@@ -62,8 +62,6 @@ logger = logging.getLogger("hostd.api")
 
 T = TypeVar("T")
 
-# Per-stream event queue bound for WatchEvents; overflow drops the oldest events (counted).
-EVENT_QUEUE_SIZE = 1024
 # How often an idle WatchEvents stream re-checks that the server is still serving.
 _WATCH_POLL_SECONDS = 1.0
 # Faults and tag copies up to this length may run on the event loop: the model handles them in
