@@ -89,9 +89,11 @@ def test_only_digests_are_persisted_and_they_survive_a_reopen(tmp_path: Path) ->
 
 
 def test_a_revoked_or_replaced_token_is_unknown(creds: Credentials) -> None:
-    """DestroyVm revokes; a new VM of the same id gets a token of its own."""
+    """DestroyVm revokes, even a token that authenticated a moment ago; a new VM of the same id
+    gets a token of its own."""
     old = creds.new_vm_token()
     creds.register_vm("vm1", old)
+    assert "vm1" == creds.authenticate(_md(f"Bearer {old}")).vm_id  # now remembered
     creds.revoke_vm("vm1")
     with pytest.raises(UnauthenticatedError):
         creds.authenticate(_md(f"Bearer {old}"))

@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,9 @@ class CredentialError(Exception):
 class Credentials:
     """The admin token's digest and every VM's token digest; the one place tokens are checked.
 
-    Not thread-safe: :meth:`register_vm` and :meth:`revoke_vm` are called under the host lock
-    (with the model call they belong to); :meth:`authenticate` only reads two dicts.
+    :meth:`register_vm` and :meth:`revoke_vm` are called under the host lock (with the model
+    call they belong to), :meth:`authenticate` on the event loop; they share only the cache of
+    authenticated header values, guarded by its own lock.
     """
 
     def __init__(self, admin_digest: str, vm_tokens_path: Path | None) -> None:
@@ -120,6 +122,16 @@ class Credentials:
         self._vm_tokens_path = vm_tokens_path
         self._digest_of_vm: dict[str, str] = {}
         self._vm_of_digest: dict[str, str] = {}
+        # Header values that authenticated, so that the fault path hashes a token once, not per
+        # call. Only successes are kept (its size is bounded by the tokens issued) and it is
+        # emptied whenever a token is issued or revoked. A dict lookup compares a keyed string
+        # hash (SipHash, secret per process) before it compares characters, so a wrong guess
+        # never reaches a character compare and its timing says nothing about a valid token.
+        self._authenticated: dict[str, Principal] = {}
+        # Bumped on every change of the tokens: a check that raced with a revocation (on the
+        # model thread) does not put its now stale answer in the cache.
+        self._generation = 0
+        self._cache_lock = threading.Lock()
 
     @classmethod
     def open(cls, admin_token_path: Path, vm_tokens_path: Path | None) -> Credentials:
@@ -172,6 +184,9 @@ class Credentials:
             if key == METADATA_KEY:
                 value = item if isinstance(item, str) else ""
                 break
+        cached = self._authenticated.get(value)
+        if cached is not None:
+            return cached
         if not value:
             raise UnauthenticatedError(
                 "no credential: send 'authorization: Bearer <token>' metadata "
@@ -179,7 +194,14 @@ class Credentials:
             )
         if value[: len(_SCHEME)].lower() != _SCHEME or len(value) > len(_SCHEME) + MAX_TOKEN_CHARS:
             raise UnauthenticatedError("the authorization metadata is not 'Bearer <token>'")
-        digest = _digest(value[len(_SCHEME) :].strip())
+        generation = self._generation
+        principal = self._check(_digest(value[len(_SCHEME) :].strip()))
+        with self._cache_lock:
+            if generation == self._generation:
+                self._authenticated[value] = principal
+        return principal
+
+    def _check(self, digest: str) -> Principal:
         if hmac.compare_digest(digest, self._admin_digest):
             return ADMIN
         # A dict lookup by digest is not constant-time in the digest, which is harmless: timing
@@ -213,6 +235,7 @@ class Credentials:
         digest = _digest(token)
         self._digest_of_vm[vm_id] = digest
         self._vm_of_digest[digest] = vm_id
+        self._invalidate()
         self._save()
 
     def revoke_vm(self, vm_id: str) -> None:
@@ -225,7 +248,13 @@ class Credentials:
         if digest is None:
             return False
         self._vm_of_digest.pop(digest, None)
+        self._invalidate()
         return True
+
+    def _invalidate(self) -> None:
+        with self._cache_lock:
+            self._generation += 1
+            self._authenticated.clear()
 
     def _save(self) -> None:
         if self._vm_tokens_path is None:
