@@ -65,11 +65,12 @@ class Fuzzer:
     def enum(self) -> int:
         return self.rng.choice(ENUMS) if self.rng.random() < 0.5 else self.rng.randint(1, 3)
 
-    def vm_id(self, admin: bool) -> str:
+    def vm_id(self, trusted: bool) -> str:
         pool = ["fz", "fz", "fz", "fz-other", "nope", *ODD_IDS]
         vm_id = self.rng.choice(pool)
-        # The admin may do anything to any VM: it never names the control VM.
-        return "fz" if admin and vm_id == "control" else vm_id
+        # The admin and the control VM's own token may change the control VM: they never name
+        # it. Every other credential may, and must be refused.
+        return "fz" if trusted and vm_id == "control" else vm_id
 
     def device_id(self) -> str:
         return self.rng.choice(["vmem0", "dimm0", "boot-ram", "nope", *ODD_IDS])
@@ -90,8 +91,8 @@ class Fuzzer:
         }
         return kind, values[kind]
 
-    def request(self, rpc: str, admin: bool) -> Any:
-        vm_id = self.vm_id(admin)
+    def request(self, rpc: str, trusted: bool) -> Any:
+        vm_id = self.vm_id(trusted)
         n, e = self.number, self.enum
         if rpc == "CreateVm":
             return pb.CreateVmRequest(
@@ -227,15 +228,14 @@ def test_hostile_requests_never_answer_unknown_or_internal_and_leave_the_host_so
 
         for i in range(REQUESTS):
             kind, metadata = fuzzer.credential()
-            admin_ish = kind == "admin"
+            trusted = kind in ("admin", "control")
             roll = rng.random()
             if roll < 0.1:
                 rpc = rng.choice(STREAMS)
                 try:
                     if rpc == "StreamGuestFaults":
                         faults = [
-                            fuzzer.request("GuestFault", admin_ish)
-                            for _ in range(rng.randint(1, 6))
+                            fuzzer.request("GuestFault", trusted) for _ in range(rng.randint(1, 6))
                         ]
                         call = stub.StreamGuestFaults(iter(faults), metadata=metadata, timeout=30)
                     else:
@@ -251,7 +251,7 @@ def test_hostile_requests_never_answer_unknown_or_internal_and_leave_the_host_so
                         record(rpc, kind, e)
                 continue
             rpc = rng.choice(list(REQUEST_TYPES))
-            request = fuzzer.request(rpc, admin_ish)
+            request = fuzzer.request(rpc, trusted)
             if roll < 0.3:
                 data = fuzzer.mutate(request.SerializeToString())
                 try:
