@@ -5,7 +5,7 @@ coroutine, not a thread. The :class:`~hostd.model.Host` has one owner, ``lock`` 
 ``threading.Lock`` shared with the metrics collector); every model call goes through
 :meth:`TagStorageServicer._call`, which calls the model under it, in one of two places:
 
-- inline on the event loop, when the call is cheap (reads, faults and tag copies of at most
+- inline on the event loop, when the call is cheap (faults and tag copies of at most
   :data:`INLINE_MAX_BYTES` without a journal to fsync), nothing is queued for the model thread
   and the lock is free *now* (``acquire(blocking=False)``): the hot fault path pays no thread
   hand-off, and the loop never waits for the lock;
@@ -77,8 +77,10 @@ HOST_SCOPED: frozenset[Callable[..., Any]] = frozenset(
 )
 # Expensive host-scoped calls: run on the model thread, one at a time.
 EXPENSIVE: frozenset[Callable[..., Any]] = frozenset({Host.check_invariants, Host.export_state})
-_READS: frozenset[Callable[..., Any]] = frozenset({Host.status, Host.get_vm, Host.list_vms})
-# Cheap when short; they change state, so only inline when there is no journal to fsync.
+# The calls whose cost is bounded by their length (vectorised over the range), so that a short
+# one is cheap whatever the host holds; they change state, so they run inline only when there is
+# no journal to fsync. Views (GetHost, GetVm, ListVms) are not among them: they read every page
+# of a VM, and a VM may be 4 TiB of guest memory.
 _RANGED: frozenset[Callable[..., Any]] = frozenset({Host.guest_fault, Host.copy_tags})
 
 
@@ -337,8 +339,6 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         return await self._on_model_thread(context, deadline, method, args, on_success)
 
     def _cheap(self, method: Callable[..., Any], args: tuple[object, ...]) -> bool:
-        if method in _READS:
-            return True
         if method in _RANGED and self._journal is None:
             length = args[2]
             return isinstance(length, int) and length <= INLINE_MAX_BYTES
