@@ -41,6 +41,11 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)
+
+
 def rate(call: Callable[[int], object], seconds: float) -> float:
     """Calls per second of ``call(i)`` made back to back for ``seconds``."""
     n = 0
@@ -63,6 +68,7 @@ def main() -> int:
 
     tmp = tempfile.mkdtemp(prefix="tagstore-bench-")
     address = args.listen or f"unix:{tmp}/hostd.sock"
+    token_file = Path(tmp) / "admin.token"
     with open(Path(tmp) / "hostd.log", "wb") as log:
         proc = subprocess.Popen(
             [
@@ -74,37 +80,46 @@ def main() -> int:
                 address,
                 "--metrics-listen",
                 "127.0.0.1:0",
+                "--admin-token-file",
+                str(token_file),
             ],
             stderr=log,
         )
     try:
         channel = grpc.insecure_channel(address)
         grpc.channel_ready_future(channel).result(timeout=30)
-        stub = pb_grpc.TagStorageStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.TagStorageStub(channel)
+        # The admin creates the VMs; faults carry the VM's own token, as a VMM's do.
+        admin = bearer(token_file.read_text().strip())
         check = health_pb2.HealthCheckRequest()
 
-        stub.CreateVm(
+        hot_vm = stub.CreateVm(
             pb.CreateVmRequest(
                 vm_id="hot",
                 mte_enabled=True,
                 tag_policy=pb.TAG_POLICY_ON_FAULT,
                 boot_memory_bytes=MiB,
-            )
+            ),
+            metadata=admin,
         )
+        hot_token = bearer(hot_vm.vm_token)
         hot = pb.GuestFaultRequest(
             vm_id="hot", gpa=BOOT_RAM_GPA, length=4096, access=pb.ACCESS_WRITE
         )
-        stub.GuestFault(hot)
+        stub.GuestFault(hot, metadata=hot_token)
         # Room for every fresh 2 MiB fault of every round (the host has ~54 GiB taggable).
         fresh_bytes = 48 * GiB
-        stub.CreateVm(
-            pb.CreateVmRequest(
-                vm_id="fresh",
-                mte_enabled=True,
-                tag_policy=pb.TAG_POLICY_ON_FAULT,
-                boot_memory_bytes=fresh_bytes,
-            )
+        fresh_token = bearer(
+            stub.CreateVm(
+                pb.CreateVmRequest(
+                    vm_id="fresh",
+                    mte_enabled=True,
+                    tag_policy=pb.TAG_POLICY_ON_FAULT,
+                    boot_memory_bytes=fresh_bytes,
+                ),
+                metadata=admin,
+            ).vm_token
         )
         next_fresh = [0]
 
@@ -112,13 +127,16 @@ def main() -> int:
             gpa = BOOT_RAM_GPA + next_fresh[0] * 2 * MiB
             next_fresh[0] += 1
             answer = stub.GuestFault(
-                pb.GuestFaultRequest(vm_id="fresh", gpa=gpa, length=2 * MiB, access=pb.ACCESS_WRITE)
+                pb.GuestFaultRequest(
+                    vm_id="fresh", gpa=gpa, length=2 * MiB, access=pb.ACCESS_WRITE
+                ),
+                metadata=fresh_token,
             )
             assert answer.newly_mapped_pages == 512
 
         loops: dict[str, Callable[[int], object]] = {
             "health_check": lambda _: health.Check(check),
-            "fault_mapped_page": lambda _: stub.GuestFault(hot),
+            "fault_mapped_page": lambda _: stub.GuestFault(hot, metadata=hot_token),
             "fault_fresh_2mib_mte": fault_fresh,
         }
         for call in loops.values():  # warm up channel, caches and code paths
@@ -144,7 +162,7 @@ def main() -> int:
             k: [r / h for r, h in zip(rates[k], rates["health_check"], strict=True)]
             for k in ("fault_mapped_page", "fault_fresh_2mib_mte")
         }
-        violations = stub.CheckInvariants(pb.CheckInvariantsRequest()).violations
+        violations = stub.CheckInvariants(pb.CheckInvariantsRequest(), metadata=admin).violations
         print(
             f"hostd built-in host, {args.rounds} rounds of ~{args.seconds * len(loops):g} s, "
             f"batches of {BATCH} calls of each type interleaved, one client, sequential calls"

@@ -20,19 +20,22 @@ Everything here reads the model; nothing here changes it. The layout follows cli
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import importlib.metadata
+import inspect
 import logging
 import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer, make_server
 
 import grpc
+import grpc.aio
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -508,6 +511,93 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+class _AioMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """:class:`_MetricsInterceptor` for a ``grpc.aio`` server: the same metrics and labels.
+
+    aio handlers are coroutines (unary responses, or streams written with ``context.write``)
+    or async generators (streamed responses); request streams are async iterators.
+    """
+
+    def __init__(self, metrics: _GrpcServerMetrics) -> None:
+        self._m = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
+            return None  # type: ignore[return-value]  # the stubs say it cannot be None; it can
+        service, method = _split_method(handler_call_details.method)
+        grpc_type = _grpc_type(handler)
+        labels = (service, method, grpc_type)
+        m = self._m
+
+        async def wrap_requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                m.msg_received.labels(*labels).inc()
+                yield request
+
+        def finish(start: float, context: Any, err: BaseException | None) -> None:
+            if isinstance(err, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED.name
+            else:
+                code = _final_code(context, err)
+            m.handled.labels(*labels, code).inc()
+            m.handling_seconds.labels(*labels).observe(time.perf_counter() - start)
+
+        def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behavior):
+
+                async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                    m.started.labels(*labels).inc()
+                    start = time.perf_counter()
+                    if handler.request_streaming:
+                        request = wrap_requests(request)
+                    err: BaseException | None = None
+                    try:
+                        async for response in behavior(request, context):
+                            m.msg_sent.labels(*labels).inc()
+                            yield response
+                    except BaseException as e:  # GeneratorExit too: the client went away
+                        err = e
+                        raise
+                    finally:
+                        finish(start, context, err)
+
+                return stream
+
+            async def unary(request: Any, context: Any) -> Any:
+                m.started.labels(*labels).inc()
+                start = time.perf_counter()
+                if handler.request_streaming:
+                    request = wrap_requests(request)
+                err: BaseException | None = None
+                try:
+                    return await behavior(request, context)
+                except BaseException as e:
+                    err = e
+                    raise
+                finally:
+                    finish(start, context, err)
+
+            return unary
+
+        des, ser = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), des, ser)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), des, ser)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), des, ser)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), des, ser)
+        return handler
+
+
 # --- HTTP exposition -----------------------------------------------------------------------
 
 
@@ -650,6 +740,10 @@ class TagStoreMetrics:
     def server_interceptor(self) -> grpc.ServerInterceptor:
         """The interceptor that records ``grpc_server_*`` metrics; pass it to ``grpc.server``."""
         return _MetricsInterceptor(self._grpc)
+
+    def aio_server_interceptor(self) -> grpc.aio.ServerInterceptor:
+        """The same interceptor for ``grpc.aio.server`` (what hostd serves with)."""
+        return _AioMetricsInterceptor(self._grpc)
 
     def preregister_grpc_service(self, service: Any) -> None:
         """Create zero-valued ``grpc_server_*`` series for every method of a service.

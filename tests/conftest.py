@@ -4,12 +4,20 @@ daemon as a subprocess) → ``daemon`` (one running daemon per module) → ``stu
 The daemon is always ``python -m hostd serve`` on a unix socket in a short temp dir (socket paths
 are limited to 107 bytes, pytest's tmp_path can be longer), with a small host (``--memory 4GiB``)
 and metrics off unless a test asks for them.
+
+Credentials: every daemon of the session shares one admin token (``ADMIN_TOKEN``, written to
+``<short_tmp>/admin.token`` before the first daemon starts and passed as ``--admin-token-file``;
+``RUNTIME_DIRECTORY`` points there too, so daemons that tools under test start themselves find
+it). Channels from :meth:`HostdProcess.channel` carry it. Code under test that makes its own
+channels (vmm_shim) gets it attached by :func:`_attach_admin_token` unless it sends a token of its
+own; ``raw_channel`` makes a channel without it, for tests of refusals.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -18,6 +26,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,6 +41,54 @@ STARTUP_TIMEOUT_S = 30.0
 BOOT_RAM_GPA = 0x4000_0000
 MiB = 1 << 20
 GiB = 1 << 30
+# The admin token of every daemon of the session (see the module docstring).
+ADMIN_TOKEN = "tsa_" + secrets.token_urlsafe(32)
+_insecure_channel = grpc.insecure_channel
+
+
+class TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds ``authorization: Bearer <token>`` to every call that does not carry one already."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, details: Any) -> Any:
+        metadata = list(details.metadata or ())
+        if not any(key == "authorization" for key, _ in metadata):
+            metadata.append(("authorization", f"Bearer {self._token}"))
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def raw_channel(address: str) -> grpc.Channel:
+    """A channel that sends no credential unless a call passes ``metadata=``."""
+    return _insecure_channel(address)
+
+
+def token_channel(address: str, token: str) -> grpc.Channel:
+    """A channel whose calls carry ``token``."""
+    return grpc.intercept_channel(_insecure_channel(address), TokenInterceptor(token))
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass
@@ -48,8 +105,9 @@ class HostdProcess:
         return self.stderr_path.read_text(errors="replace")
 
     def channel(self) -> grpc.Channel:
-        """A new channel to the daemon (close it, or use it as a context manager)."""
-        return grpc.insecure_channel(self.address)
+        """A new channel to the daemon carrying the admin token (close it, or use it as a
+        context manager)."""
+        return token_channel(self.address, ADMIN_TOKEN)
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the daemon process (by its pid)."""
@@ -74,7 +132,7 @@ def run_hostd(*args: str, timeout: float = STARTUP_TIMEOUT_S) -> subprocess.Comp
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     """Block until the daemon's health service answers SERVING (fail if the process dies)."""
-    with grpc.insecure_channel(address) as channel:
+    with raw_channel(address) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -86,19 +144,43 @@ def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) ->
 
 @pytest.fixture(scope="session")
 def short_tmp() -> Iterator[Path]:
-    """A short directory for unix sockets."""
+    """A short directory for unix sockets (and the session's admin token)."""
     path = Path(tempfile.mkdtemp(prefix="hostd-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def hostd_process(short_tmp: Path) -> Iterator[Callable[..., HostdProcess]]:
+def admin_token_file(short_tmp: Path) -> Path:
+    """``ADMIN_TOKEN`` in a file (mode 0600) that every daemon of the session is given."""
+    path = short_tmp / "admin.token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(ADMIN_TOKEN + "\n")
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _attach_admin_token(short_tmp: Path, admin_token_file: Path) -> Iterator[None]:
+    """Channels that code under test makes itself carry the admin token unless it sends a token
+    of its own; daemons such code starts find the same token through ``RUNTIME_DIRECTORY``.
+    ``TAGSTORE_TOKEN`` is set for clients that read it."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(grpc, "insecure_channel", lambda *a, **k: grpc.intercept_channel(
+        _insecure_channel(*a, **k), TokenInterceptor(ADMIN_TOKEN)))  # fmt: skip
+    patch.setenv("RUNTIME_DIRECTORY", str(short_tmp))
+    patch.setenv("TAGSTORE_TOKEN", ADMIN_TOKEN)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def hostd_process(short_tmp: Path, admin_token_file: Path) -> Iterator[Callable[..., HostdProcess]]:
     """Factory: ``hostd_process(*extra_args, wait=True)`` starts a daemon and returns it.
 
-    Defaults: a fresh unix socket, ``--memory 4GiB``, metrics off. Pass ``--listen`` or
-    ``--memory`` in ``extra_args`` to override. Every daemon still running at the end of the
-    session is killed (by its pid).
+    Defaults: a fresh unix socket, ``--memory 4GiB``, metrics off, the session's admin token.
+    Pass ``--listen``, ``--memory`` or ``--admin-token-file`` in ``extra_args`` to override.
+    Every daemon still running at the end of the session is killed (by its pid).
     """
     started: list[HostdProcess] = []
     counter = itertools.count()
@@ -112,6 +194,8 @@ def hostd_process(short_tmp: Path) -> Iterator[Callable[..., HostdProcess]]:
             args += ["--memory", "4GiB"]
         if "--metrics-listen" not in args:
             args += ["--metrics-listen", ""]
+        if "--admin-token-file" not in args:
+            args += ["--admin-token-file", str(admin_token_file)]
         address = args[args.index("--listen") + 1]
         stderr_path = short_tmp / f"hostd-{n}.log"
         with open(stderr_path, "wb") as stderr:

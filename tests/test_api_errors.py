@@ -6,7 +6,8 @@ import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from hostd.api.errors import ERROR_DOMAIN, STATUS_CODES, to_grpc_status
+from hostd.api.auth import AuthError, PermissionDeniedError, UnauthenticatedError
+from hostd.api.errors import ERROR_DOMAIN, MAX_ECHO_CHARS, STATUS_CODES, to_grpc_status
 from hostd.model.errors import (
     RESOURCE_TAG_STORAGE,
     AlreadyExistsError,
@@ -118,3 +119,46 @@ def test_every_error_class_of_the_model_has_a_row() -> None:
 def test_no_model_error_maps_to_unknown() -> None:
     """UNKNOWN is what gRPC says for an uncaught exception; the mapping never produces it."""
     assert grpc.StatusCode.UNKNOWN not in {code for _, code in STATUS_CODES}
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "reason"),
+    [
+        pytest.param(
+            UnauthenticatedError("no credential"),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
+            id="unauthenticated",
+        ),
+        pytest.param(
+            PermissionDeniedError("another VM's token"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PERMISSION_DENIED",
+            id="permission_denied",
+        ),
+    ],
+)
+def test_credential_error_maps_to_its_status_code_with_error_info(
+    error: AuthError, code: grpc.StatusCode, reason: str
+) -> None:
+    """Refused credentials carry the same ErrorInfo shape as model errors, with no metadata."""
+    status = to_grpc_status(error)
+    _, info = _decode(status)
+    assert (code, reason, ERROR_DOMAIN, {}) == (
+        status.code,
+        info.reason,
+        info.domain,
+        dict(info.metadata),
+    )
+
+
+def test_a_long_value_is_echoed_as_a_short_prefix_in_message_and_metadata() -> None:
+    """A 10,000-character value cannot make the status overflow gRPC's metadata limit."""
+    huge = "v" * 10_000
+    status = to_grpc_status(InvalidArgumentError("vm_id", huge, "must be 1-63 characters"))
+    rich, info = _decode(status)
+    assert len(rich.message) < 200
+    assert "(10000 characters)" in rich.message
+    assert rich.message.endswith("must be 1-63 characters")
+    assert len(info.metadata["value"]) <= MAX_ECHO_CHARS + 32
+    assert len(status.trailing_metadata[0][1]) < 1024

@@ -66,6 +66,8 @@ def test_vm_lifecycle_create_get_list_destroy(stub: Stub, vm_id: str) -> None:
         created.tagged_bytes,
     ), "an EAGER VM's boot RAM is tagged at creation"
     assert BOOT_RAM_GPA == created.regions[0].gpa
+    assert created.vm_token, "CreateVm answers the VM's token, and only CreateVm does"
+    created.ClearField("vm_token")
     assert created == stub.GetVm(pb.GetVmRequest(vm_id=vm_id))
     assert vm_id in [vm.vm_id for vm in stub.ListVms(pb.ListVmsRequest()).vms]
 

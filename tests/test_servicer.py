@@ -25,10 +25,10 @@ def test_full_event_queue_drops_the_oldest_and_counts_them() -> None:
     for i in range(5):
         queue.put(Event(EVENT_VM_CREATED, vm_id=f"vm{i}"))
     assert 3 == queue.dropped
-    first, second = queue.get(0), queue.get(0)
+    first, second = queue.pop(), queue.pop()
     assert first is not None and second is not None
     assert [(4, "vm3"), (5, "vm4")] == [(s, e.vm_id) for s, e in (first, second)]
-    assert queue.get(0) is None
+    assert queue.pop() is None
 
 
 def test_fault_events_are_streamed_only_on_request() -> None:
@@ -36,17 +36,18 @@ def test_fault_events_are_streamed_only_on_request() -> None:
     chatty = _EventQueue(maxsize=4, include_faults=True)
     for queue in (quiet, chatty):
         queue.put(Event(EVENT_FAULT, vm_id="vm"))
-    assert quiet.get(0) is None
-    assert chatty.get(0) is not None
+    assert quiet.pop() is None
+    assert chatty.pop() is not None
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, admin_token_file: Path) -> Iterator[Daemon]:
     built = create_server(
         default_topology(1 * GiB),
         listen="127.0.0.1:0",
         metrics_listen="",
         state_dir=tmp_path / "state",
+        admin_token_file=admin_token_file,
     )
     built.start()
     yield built

@@ -1,28 +1,55 @@
-"""The ``tagstore.v1.TagStorage`` servicer: proto → one model call → proto.
+"""The ``tagstore.v1.TagStorage`` servicer: proto → one model call → proto, served by grpc.aio.
 
-Lock rule: the servicer owns the :class:`~hostd.model.Host` and one ``threading.Lock``; every
-model call (and the journal record of a mutating call) happens under it, so the host sees one
-call at a time and the journal order is the call order. Nothing slow happens under the lock:
-messages are converted and streamed after it is released.
+Threads and the lock: the servicer runs on one asyncio event loop, so an open stream holds a
+coroutine, not a thread. The :class:`~hostd.model.Host` has one owner, ``lock`` (a
+``threading.Lock`` shared with the metrics collector); every model call goes through
+:meth:`TagStorageServicer._call`, which calls the model under it, in one of two places:
 
-Errors: a :class:`~hostd.model.errors.TagStoreError` becomes its status through
-:func:`hostd.api.errors.to_grpc_status`; anything else is a bug, logged with its traceback and
-answered INTERNAL (the daemon keeps serving).
+- inline on the event loop, when the call is cheap (faults and tag copies of at most
+  :data:`INLINE_MAX_BYTES` without a journal to fsync), nothing is queued for the model thread
+  and the lock is free *now* (``acquire(blocking=False)``): the hot fault path pays no thread
+  hand-off, and the loop never waits for the lock;
+- otherwise on the single model thread (:data:`MODEL_THREAD`), which waits for the lock. Calls
+  there run in arrival order; expensive host-scoped calls (CheckInvariants, ExportState) also
+  run one at a time.
+
+Either way the loop stays free: health checks, refusals and streams keep being served while a
+long call (or the metrics thread's invariant check) holds the lock; calls that need the host wait
+for it on the model thread, in order.
+
+Work whose caller has gone is not done: ``_call`` checks the deadline and cancellation before
+queuing, and again on the model thread before and after it waits for the lock. A cancelled call
+is never answered (there is nobody to answer) and never logged as an error.
+
+Credentials: ``_call`` authorizes every model call from the method it calls (see
+:mod:`hostd.api.auth`): host-scoped methods need the admin token, the others name a VM as their
+first argument and accept that VM's token.
+
+Errors: a :class:`~hostd.model.errors.TagStoreError` or :class:`~hostd.api.auth.AuthError`
+becomes its status through :func:`hostd.api.errors.to_grpc_status`; anything else is a bug,
+logged with its traceback and answered INTERNAL (the daemon keeps serving).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent import futures
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
+import grpc.aio
 
 from hostd.api import convert
+from hostd.api.auth import AuthError, Credentials, Principal
 from hostd.api.errors import to_grpc_status
+from hostd.api.limits import Limits, StreamSlots, check_id
 from hostd.logs import kv
 from hostd.model import Host
 from hostd.model.errors import TagStoreError
@@ -35,10 +62,26 @@ logger = logging.getLogger("hostd.api")
 
 T = TypeVar("T")
 
-# Per-stream event queue bound for WatchEvents; overflow drops the oldest events (counted).
-EVENT_QUEUE_SIZE = 1024
-# How often an idle WatchEvents stream re-checks that its client and the server are still there.
+# How often an idle WatchEvents stream re-checks that the server is still serving.
 _WATCH_POLL_SECONDS = 1.0
+# Faults and tag copies up to this length may run on the event loop: the model handles them in
+# well under a millisecond (bench/bench_model.py: ~4 ms per GiB).
+INLINE_MAX_BYTES = 16 * 1024 * 1024
+# How often the model thread, while it waits for the lock, looks whether its caller has gone.
+_LOCK_POLL_SECONDS = 0.05
+MODEL_THREAD = "hostd-model"
+
+# Calls that only the admin token may make; every other model method takes a vm_id first.
+HOST_SCOPED: frozenset[Callable[..., Any]] = frozenset(
+    {Host.status, Host.list_vms, Host.create_vm, Host.check_invariants, Host.export_state}
+)
+# Expensive host-scoped calls: run on the model thread, one at a time.
+EXPENSIVE: frozenset[Callable[..., Any]] = frozenset({Host.check_invariants, Host.export_state})
+# The calls whose cost is bounded by their length (vectorised over the range), so that a short
+# one is cheap whatever the host holds; they change state, so they run inline only when there is
+# no journal to fsync. Views (GetHost, GetVm, ListVms) are not among them: they read every page
+# of a VM, and a VM may be 4 TiB of guest memory.
+_RANGED: frozenset[Callable[..., Any]] = frozenset({Host.guest_fault, Host.copy_tags})
 
 
 class Journal(Protocol):
@@ -52,20 +95,28 @@ class Journal(Protocol):
         """Make a prepared record durable; called after the call succeeded, before the reply."""
 
 
-def _rpc(level: int) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorate a unary handler: map model errors, log the outcome, contain unexpected bugs."""
+class _CallerGone(Exception):
+    """The caller's deadline passed or it cancelled while the call waited: do not run it."""
 
-    def decorate(handler: Callable[..., T]) -> Callable[..., T]:
+
+def _rpc(level: int) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Decorate a unary handler: map refusals, log the outcome, contain unexpected bugs."""
+
+    def decorate(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         name = handler.__name__
 
         @functools.wraps(handler)
-        def wrapper(self: TagStorageServicer, request: Any, context: grpc.ServicerContext) -> T:
+        async def wrapper(
+            self: TagStorageServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> T:
             try:
-                response = handler(self, request, context)
-            except TagStoreError as error:
-                _abort_refused(context, name, error)
-            except Exception:
-                _abort_internal(context, name)
+                response = await handler(self, request, context)
+            except (TagStoreError, AuthError) as error:
+                await _abort_refused(context, name, error)
+            except _CallerGone:
+                await _abort_gone(context, name)
+            except Exception as error:
+                await _abort_internal(context, name, error)
             # Faults run at thousands a second: build the line only if it will be written.
             if logger.isEnabledFor(level):
                 logger.log(level, kv("rpc", rpc=name, code="OK", **_ids(request)))
@@ -76,21 +127,35 @@ def _rpc(level: int) -> Callable[[Callable[..., T]], Callable[..., T]]:
     return decorate
 
 
-def _stream_rpc(handler: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+def _stream_rpc(
+    handler: Callable[..., AsyncIterator[T]],
+) -> Callable[..., AsyncIterator[T]]:
     """Like :func:`_rpc` for server-streaming handlers: an error ends the stream with its status
-    after every message yielded before it has been delivered."""
+    after every message yielded before it has been delivered. Each stream takes a slot of the
+    stream limits (per credential and in all) for its lifetime."""
     name = handler.__name__
 
     @functools.wraps(handler)
-    def wrapper(
-        self: TagStorageServicer, request: Any, context: grpc.ServicerContext
-    ) -> Iterator[T]:
+    async def wrapper(
+        self: TagStorageServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[T]:
+        client = ""
         try:
-            yield from handler(self, request, context)
-        except TagStoreError as error:
-            _abort_refused(context, name, error)
-        except Exception:
-            _abort_internal(context, name)
+            client = self._principal(context).name
+            self._streams.acquire(client)
+        except (TagStoreError, AuthError) as error:
+            await _abort_refused(context, name, error)
+        try:
+            async for response in handler(self, request, context):
+                yield response
+        except (TagStoreError, AuthError) as error:
+            await _abort_refused(context, name, error)
+        except _CallerGone:
+            await _abort_gone(context, name)
+        except Exception as error:
+            await _abort_internal(context, name, error)
+        finally:
+            self._streams.release(client)
         logger.debug(kv("rpc", rpc=name, code="OK"))
 
     return wrapper
@@ -101,29 +166,59 @@ def _ids(request: Any) -> dict[str, str]:
     for key in ("vm_id", "device_id"):
         value = getattr(request, key, "")
         if value:
-            fields[key] = value
+            fields[key] = value[:64]
     return fields
 
 
-def _abort_refused(context: grpc.ServicerContext, rpc: str, error: TagStoreError) -> NoReturn:
+async def _abort_refused(
+    context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: TagStoreError | AuthError
+) -> NoReturn:
     status = to_grpc_status(error)
-    logger.info(kv("rpc", rpc=rpc, code=status.code.name, reason=error.reason, error=str(error)))
-    context.abort_with_status(status)
+    logger.info(
+        kv("rpc", rpc=rpc, code=status.code.name, reason=error.reason, error=status.details)
+    )
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")
 
 
-def _abort_internal(context: grpc.ServicerContext, rpc: str) -> NoReturn:
-    logger.exception(kv("rpc", rpc=rpc, code="INTERNAL"))
-    context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error (see the hostd log)")
+async def _abort_gone(context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> NoReturn:
+    # Nobody reads this answer; it only ends the call (and its metrics) with the right code.
+    logger.debug(
+        kv("rpc", rpc=rpc, code="DEADLINE_EXCEEDED", why="caller gone before the call ran")
+    )
+    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{rpc}: the caller has gone")
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _abort_internal(
+    context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: Exception
+) -> NoReturn:
+    if context.cancelled() or context.done():
+        # The client went away mid-call (a closed stream, an expired deadline): the library's
+        # own error about it is not a bug of ours, and there is nobody to answer.
+        logger.debug(kv("rpc", rpc=rpc, code="CANCELLED", error=type(error).__name__))
+        raise asyncio.CancelledError
+    logger.error(kv("rpc", rpc=rpc, code="INTERNAL"), exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error (see the hostd log)")
+    raise AssertionError("unreachable: abort raises")
 
 
 class _EventQueue:
-    """A bounded FIFO fed by a host subscription; when full, the oldest event is dropped."""
+    """A bounded FIFO fed by a host subscription; when full, the oldest event is dropped.
 
-    def __init__(self, maxsize: int, include_faults: bool) -> None:
+    ``notify`` is called (from whichever thread holds the host lock) when the queue turns
+    non-empty after :meth:`pop` found it empty; WatchEvents uses it to wake its coroutine.
+    """
+
+    def __init__(
+        self, maxsize: int, include_faults: bool, notify: Callable[[], object] | None = None
+    ) -> None:
         self._events: collections.deque[tuple[int, Event]] = collections.deque()
         self._maxsize = maxsize
         self._include_faults = include_faults
-        self._cond = threading.Condition()
+        self._notify = notify
+        self._mutex = threading.Lock()
+        self._notified = False
         self._sequence = 0
         self.dropped = 0
 
@@ -131,32 +226,31 @@ class _EventQueue:
         """The host subscriber: called under the host lock, so it only appends."""
         if event.kind == EVENT_FAULT and not self._include_faults:
             return
-        with self._cond:
+        with self._mutex:
             self._sequence += 1
             if len(self._events) >= self._maxsize:
                 self._events.popleft()
                 self.dropped += 1
             self._events.append((self._sequence, event))
-            self._cond.notify()
+            notify = self._notify is not None and not self._notified
+            self._notified = True
+        if notify and self._notify is not None:
+            self._notify()
 
-    def wake(self) -> None:
-        """Wake a waiting :meth:`get` (the client went away or the server is stopping)."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def get(self, timeout: float) -> tuple[int, Event] | None:
-        """The oldest queued event with its sequence number, or None after ``timeout``."""
-        with self._cond:
-            if not self._events:
-                self._cond.wait(timeout)
-            return self._events.popleft() if self._events else None
+    def pop(self) -> tuple[int, Event] | None:
+        """The oldest queued event with its sequence number, or None (and re-arm ``notify``)."""
+        with self._mutex:
+            if self._events:
+                return self._events.popleft()
+            self._notified = False
+            return None
 
 
 class TagStorageServicer(pb_grpc.TagStorageServicer):
     """Serves one :class:`Host`. ``lock`` is shared with whoever else reads the host (metrics).
 
     Each RPC method is documented in ``proto/tagstore/v1/tagstore.proto``; here each one is
-    proto → one model call → proto.
+    proto → one :meth:`_call` → proto. Build it inside the event loop that serves it.
     """
 
     def __init__(
@@ -164,117 +258,281 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         host: Host,
         lock: threading.Lock | None = None,
         *,
+        credentials: Credentials,
         journal: Journal | None = None,
-        event_queue_size: int = EVENT_QUEUE_SIZE,
+        limits: Limits | None = None,
     ) -> None:
         self.host = host
         self.lock = lock if lock is not None else threading.Lock()
+        self._credentials = credentials
         self._journal = journal
-        self._event_queue_size = event_queue_size
-        self._closing = threading.Event()
-        self._watchers: set[_EventQueue] = set()
+        self._limits = limits if limits is not None else Limits()
+        self._streams = StreamSlots(self._limits)
+        self._model_thread = futures.ThreadPoolExecutor(1, thread_name_prefix=MODEL_THREAD)
+        self._queued = 0  # calls submitted to the model thread and not finished
+        self._expensive = asyncio.Lock()
+        self._closing = asyncio.Event()
+        self._watchers: set[asyncio.Event] = set()
 
     def close(self) -> None:
-        """End every WatchEvents stream so that a graceful stop does not wait for them."""
+        """End every WatchEvents stream so that a graceful stop does not wait for them.
+        Called on the event loop."""
         self._closing.set()
-        for queue in list(self._watchers):
-            queue.wake()
+        for ready in list(self._watchers):
+            ready.set()
 
-    def _call(self, method: Callable[..., T], *args: object) -> T:
-        """Call a model method under the lock; journal the call if it changed state.
+    def shutdown(self) -> None:
+        """Stop the model thread (after the server has stopped)."""
+        self._model_thread.shutdown(wait=True, cancel_futures=True)
 
-        A refused call changes nothing, so only successful calls are committed; the commit is
-        durable before the caller can send the reply.
+    # -- credentials --------------------------------------------------------------------------
+
+    def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        return self._credentials.authenticate(context.invocation_metadata())
+
+    def _authorize(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method: Callable[..., Any],
+        args: tuple[object, ...],
+    ) -> None:
+        principal = self._principal(context)
+        what = method.__name__
+        if method in HOST_SCOPED:
+            self._credentials.require_admin(principal, what)
+            return
+        vm_id = str(args[0])
+        check_id("vm_id", vm_id)
+        if len(args) > 1 and isinstance(args[1], str):
+            check_id("device_id", args[1])
+        self._credentials.require_vm(principal, vm_id, what)
+
+    # -- the one way to the model -------------------------------------------------------------
+
+    async def _call(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method: Callable[..., T],
+        *args: object,
+        on_success: Callable[[T], None] | None = None,
+    ) -> T:
+        """Authorize, then call a model method under the lock; journal it if it changed state.
+
+        A refused call changes nothing, so only successful calls are committed; the commit
+        (and ``on_success``, which persists credentials) is durable before the caller can send
+        the reply.
         """
-        with self.lock:
-            record = self._journal.prepare(method.__name__, args) if self._journal else None
-            result = method(self.host, *args)
-            if record is not None and self._journal is not None:
-                self._journal.commit(record)
+        self._authorize(context, method, args)
+        deadline = _deadline(context)
+        if _expired(deadline) or context.cancelled():
+            raise _CallerGone
+        if method in EXPENSIVE:
+            # One at a time: a burst of checks queues here, on the loop, where a caller that
+            # gives up costs nothing (its coroutine is cancelled).
+            async with self._expensive:
+                return await self._on_model_thread(context, deadline, method, args, on_success)
+        if self._queued == 0 and self._cheap(method, args) and self.lock.acquire(blocking=False):
+            try:
+                return self._locked(method, args, on_success)
+            finally:
+                self.lock.release()
+        return await self._on_model_thread(context, deadline, method, args, on_success)
+
+    def _cheap(self, method: Callable[..., Any], args: tuple[object, ...]) -> bool:
+        if method in _RANGED and self._journal is None:
+            length = args[2]
+            return isinstance(length, int) and length <= INLINE_MAX_BYTES
+        return False
+
+    def _locked(
+        self,
+        method: Callable[..., T],
+        args: tuple[object, ...],
+        on_success: Callable[[T], None] | None,
+    ) -> T:
+        """The model call itself; the caller holds the lock."""
+        self._check_limits(method, args)
+        record = self._journal.prepare(method.__name__, args) if self._journal else None
+        result = method(self.host, *args)
+        if record is not None and self._journal is not None:
+            self._journal.commit(record)
+        if on_success is not None:
+            on_success(result)
         return result
 
+    def _check_limits(self, method: Callable[..., Any], args: tuple[object, ...]) -> None:
+        if method is Host.create_vm:
+            self._limits.check_new_vm(len(self.host.vms))
+        elif method is Host.add_dimm or method is Host.add_virtio_mem:
+            vm = self.host.vms.get(str(args[0]))
+            if vm is not None:
+                self._limits.check_new_device(vm.vm_id, len(vm.devices))
+
+    async def _on_model_thread(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        deadline: float | None,
+        method: Callable[..., T],
+        args: tuple[object, ...],
+        on_success: Callable[[T], None] | None,
+    ) -> T:
+        gone = threading.Event()
+
+        def run() -> T:
+            while not self.lock.acquire(timeout=_LOCK_POLL_SECONDS):
+                if gone.is_set() or _expired(deadline):
+                    raise _CallerGone
+            try:
+                if gone.is_set() or _expired(deadline):
+                    raise _CallerGone
+                return self._locked(method, args, on_success)
+            finally:
+                self.lock.release()
+
+        if context.cancelled() or _expired(deadline):
+            raise _CallerGone
+        loop = asyncio.get_running_loop()
+        self._queued += 1
+        try:
+            return await loop.run_in_executor(self._model_thread, run)
+        except asyncio.CancelledError:
+            gone.set()  # a call still queued is dropped; one already running finishes
+            raise
+        finally:
+            self._queued -= 1
+
+    async def _with_lock(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a subscription change, not a model call) under the lock, off the loop."""
+        if self.lock.acquire(blocking=False):
+            try:
+                fn()
+            finally:
+                self.lock.release()
+            return
+
+        def run() -> None:
+            with self.lock:
+                fn()
+
+        await asyncio.get_running_loop().run_in_executor(self._model_thread, run)
+
+    # -- RPCs ---------------------------------------------------------------------------------
+
     @_rpc(logging.DEBUG)
-    def GetHost(self, request: pb.GetHostRequest, context: grpc.ServicerContext) -> pb.HostStatus:
-        return convert.host_status_to_proto(self._call(Host.status))
+    async def GetHost(
+        self, request: pb.GetHostRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HostStatus:
+        return convert.host_status_to_proto(await self._call(context, Host.status))
 
     @_rpc(logging.INFO)
-    def CreateVm(self, request: pb.CreateVmRequest, context: grpc.ServicerContext) -> pb.Vm:
+    async def CreateVm(
+        self, request: pb.CreateVmRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Vm:
         config = convert.vm_config_from_proto(request)
-        return convert.vm_to_proto(self._call(Host.create_vm, config))
+        token = self._credentials.new_vm_token()
+        vm = await self._call(
+            context,
+            Host.create_vm,
+            config,
+            on_success=lambda vm: self._credentials.register_vm(vm.vm_id, token),
+        )
+        answer = convert.vm_to_proto(vm)
+        answer.vm_token = token  # the one answer that carries it
+        return answer
 
     @_rpc(logging.DEBUG)
-    def GetVm(self, request: pb.GetVmRequest, context: grpc.ServicerContext) -> pb.Vm:
-        return convert.vm_to_proto(self._call(Host.get_vm, request.vm_id))
+    async def GetVm(
+        self, request: pb.GetVmRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Vm:
+        return convert.vm_to_proto(await self._call(context, Host.get_vm, request.vm_id))
 
     @_rpc(logging.DEBUG)
-    def ListVms(
-        self, request: pb.ListVmsRequest, context: grpc.ServicerContext
+    async def ListVms(
+        self, request: pb.ListVmsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListVmsResponse:
-        vms = self._call(Host.list_vms)
+        vms = await self._call(context, Host.list_vms)
         return pb.ListVmsResponse(
             vms=[convert.vm_to_proto(vm) for vm in sorted(vms, key=lambda vm: vm.vm_id)]
         )
 
     @_rpc(logging.INFO)
-    def DestroyVm(
-        self, request: pb.DestroyVmRequest, context: grpc.ServicerContext
+    async def DestroyVm(
+        self, request: pb.DestroyVmRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DestroyVmResponse:
-        final = self._call(Host.destroy_vm, request.vm_id)
+        final = await self._call(
+            context,
+            Host.destroy_vm,
+            request.vm_id,
+            on_success=lambda vm: self._credentials.revoke_vm(vm.vm_id),
+        )
         return pb.DestroyVmResponse(vm=convert.vm_to_proto(final))
 
-    def _guest_fault(self, request: pb.GuestFaultRequest) -> pb.GuestFaultResponse:
+    async def _guest_fault(
+        self, request: pb.GuestFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GuestFaultResponse:
         access = convert.access_from_proto(request.access)
-        result = self._call(Host.guest_fault, request.vm_id, request.gpa, request.length, access)
+        result = await self._call(
+            context, Host.guest_fault, request.vm_id, request.gpa, request.length, access
+        )
         return convert.fault_result_to_proto(result)
 
     @_rpc(logging.DEBUG)
-    def GuestFault(
-        self, request: pb.GuestFaultRequest, context: grpc.ServicerContext
+    async def GuestFault(
+        self, request: pb.GuestFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GuestFaultResponse:
-        return self._guest_fault(request)
+        return await self._guest_fault(request, context)
 
     @_stream_rpc
-    def StreamGuestFaults(
-        self, request_iterator: Iterator[pb.GuestFaultRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.GuestFaultResponse]:
-        for request in request_iterator:
-            yield self._guest_fault(request)
+    async def StreamGuestFaults(
+        self,
+        request_iterator: AsyncIterator[pb.GuestFaultRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.GuestFaultResponse]:
+        async for request in request_iterator:
+            yield await self._guest_fault(request, context)
 
     @_rpc(logging.INFO)
-    def AddMemoryDevice(
-        self, request: pb.AddMemoryDeviceRequest, context: grpc.ServicerContext
+    async def AddMemoryDevice(
+        self, request: pb.AddMemoryDeviceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MemoryDevice:
         if convert.memory_device_kind_of(request) == "dimm":
-            device = self._call(
-                Host.add_dimm, request.vm_id, request.device_id, request.dimm.size_bytes
+            device = await self._call(
+                context, Host.add_dimm, request.vm_id, request.device_id, request.dimm.size_bytes
             )
         else:
             config = convert.virtio_mem_config_from_proto(request.virtio_mem)
-            device = self._call(Host.add_virtio_mem, request.vm_id, request.device_id, config)
+            device = await self._call(
+                context, Host.add_virtio_mem, request.vm_id, request.device_id, config
+            )
         return convert.memory_device_to_proto(device)
 
     @_rpc(logging.INFO)
-    def RemoveMemoryDevice(
-        self, request: pb.RemoveMemoryDeviceRequest, context: grpc.ServicerContext
+    async def RemoveMemoryDevice(
+        self, request: pb.RemoveMemoryDeviceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RemoveMemoryDeviceResponse:
-        self._call(Host.remove_memory_device, request.vm_id, request.device_id)
+        await self._call(context, Host.remove_memory_device, request.vm_id, request.device_id)
         return pb.RemoveMemoryDeviceResponse()
 
     @_rpc(logging.INFO)
-    def ResizeVirtioMem(
-        self, request: pb.ResizeVirtioMemRequest, context: grpc.ServicerContext
+    async def ResizeVirtioMem(
+        self, request: pb.ResizeVirtioMemRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MemoryDevice:
-        device = self._call(
-            Host.resize_virtio_mem, request.vm_id, request.device_id, request.requested_size
+        device = await self._call(
+            context,
+            Host.resize_virtio_mem,
+            request.vm_id,
+            request.device_id,
+            request.requested_size,
         )
         return convert.memory_device_to_proto(device)
 
     @_rpc(logging.DEBUG)
-    def VirtioMemRequest(
-        self, request: pb.VirtioMemRequestRequest, context: grpc.ServicerContext
+    async def VirtioMemRequest(
+        self, request: pb.VirtioMemRequestRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.VirtioMemRequestResponse:
         request_type = convert.virtio_mem_request_type_from_proto(request.type)
-        answer = self._call(
+        answer = await self._call(
+            context,
             Host.virtio_mem_request,
             request.vm_id,
             request.device_id,
@@ -285,52 +543,77 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         return convert.virtio_mem_answer_to_proto(answer)
 
     @_rpc(logging.DEBUG)
-    def CopyTags(
-        self, request: pb.CopyTagsRequest, context: grpc.ServicerContext
+    async def CopyTags(
+        self, request: pb.CopyTagsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CopyTagsResponse:
         direction = convert.direction_from_proto(request.direction)
         tags = request.tags if direction is TagCopyDirection.TO_GUEST else b""
-        result = self._call(
-            Host.copy_tags, request.vm_id, request.gpa, request.length, direction, tags
+        result = await self._call(
+            context, Host.copy_tags, request.vm_id, request.gpa, request.length, direction, tags
         )
         return pb.CopyTagsResponse(tags=result)
 
     @_rpc(logging.DEBUG)
-    def CheckInvariants(
-        self, request: pb.CheckInvariantsRequest, context: grpc.ServicerContext
+    async def CheckInvariants(
+        self, request: pb.CheckInvariantsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CheckInvariantsResponse:
-        return pb.CheckInvariantsResponse(violations=self._call(Host.check_invariants))
+        violations = await self._call(context, Host.check_invariants)
+        return pb.CheckInvariantsResponse(violations=violations)
 
     @_stream_rpc
-    def ExportState(
-        self, request: pb.ExportStateRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ExportStateResponse]:
-        # Built under the lock (a consistent cut), streamed after it is released.
-        export = self._call(Host.export_state)
-        yield from convert.export_to_proto(export, self.host.page_size)
+    async def ExportState(
+        self, request: pb.ExportStateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ExportStateResponse]:
+        # Built under the lock (a consistent cut), converted and streamed after it is released;
+        # a client that goes away stops the stream at the next chunk.
+        export = await self._call(context, Host.export_state)
+        chunks = await asyncio.to_thread(convert.export_to_proto, export, self.host.page_size)
+        for chunk in chunks:
+            yield chunk
 
     @_stream_rpc
-    def WatchEvents(
-        self, request: pb.WatchEventsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WatchEventsResponse]:
-        queue = _EventQueue(self._event_queue_size, request.include_faults)
-        context.add_callback(queue.wake)
-        self._watchers.add(queue)
-        with self.lock:
-            self.host.subscribe(queue.put)
-        # Headers go out once the subscription is active: a client that waits for them
-        # (``call.initial_metadata()``) sees every event caused after that.
-        context.send_initial_metadata(())
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        self._credentials.require_admin(self._principal(context), "WatchEvents")
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        queue = _EventQueue(
+            self._limits.event_queue_size,
+            request.include_faults,
+            notify=functools.partial(loop.call_soon_threadsafe, ready.set),
+        )
+        self._watchers.add(ready)
         try:
-            while context.is_active() and not self._closing.is_set():
-                item = queue.get(_WATCH_POLL_SECONDS)
-                if item is not None:
-                    sequence, event = item
-                    yield pb.WatchEventsResponse(
-                        event=convert.event_to_proto(event, sequence),
-                        dropped_events=queue.dropped,
-                    )
+            # Inside the try: a client that goes away while the subscription waits for the
+            # lock still gets unsubscribed (on the model thread, after the subscription).
+            await self._with_lock(lambda: self.host.subscribe(queue.put))
+            # Headers go out once the subscription is active: a client that waits for them
+            # (``call.initial_metadata()``) sees every event caused after that.
+            await context.send_initial_metadata(())
+            while not self._closing.is_set():
+                item = queue.pop()
+                if item is None:
+                    ready.clear()
+                    if (item := queue.pop()) is None:
+                        # A slow reader only holds this coroutine; the bounded queue drops
+                        # its oldest events rather than grow.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(ready.wait(), _WATCH_POLL_SECONDS)
+                        continue
+                sequence, event = item
+                yield pb.WatchEventsResponse(
+                    event=convert.event_to_proto(event, sequence), dropped_events=queue.dropped
+                )
         finally:
-            with self.lock:
-                self.host.unsubscribe(queue.put)
-            self._watchers.discard(queue)
+            self._watchers.discard(ready)
+            await asyncio.shield(self._with_lock(lambda: self.host.unsubscribe(queue.put)))
+
+
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline

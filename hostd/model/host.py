@@ -208,6 +208,8 @@ class Host:
             )
         if length_bytes > max_bytes:
             raise InvalidArgumentError("length", length_bytes, f"at most {max_bytes:#x} per call")
+        if gpa + length_bytes > 1 << 64:
+            raise InvalidArgumentError("length", length_bytes, "gpa + length wraps past 2^64")
 
     @staticmethod
     def _plugged_in_one_device(vm: Vm, gpa: int, length_bytes: int) -> bool:
