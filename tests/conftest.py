@@ -43,7 +43,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 # The admin token of every daemon of the session (see the module docstring).
 ADMIN_TOKEN = "tsa_" + secrets.token_urlsafe(32)
-_insecure_channel = grpc.insecure_channel
+_insecure_channel = grpc.insecure_channel  # channels with no credential of their own
 
 
 class TokenInterceptor(
@@ -162,12 +162,10 @@ def admin_token_file(short_tmp: Path) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _attach_admin_token(short_tmp: Path, admin_token_file: Path) -> Iterator[None]:
-    """Channels that code under test makes itself carry the admin token unless it sends a token
-    of its own; daemons such code starts find the same token through ``RUNTIME_DIRECTORY``.
-    ``TAGSTORE_TOKEN`` is set for clients that read it."""
+    """Daemons that code under test starts itself (the simulator's) find the session's admin
+    token through ``RUNTIME_DIRECTORY``; ``TAGSTORE_TOKEN`` is set for clients that read it.
+    Clients must send tokens themselves: nothing here adds them behind the code's back."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(grpc, "insecure_channel", lambda *a, **k: grpc.intercept_channel(
-        _insecure_channel(*a, **k), TokenInterceptor(ADMIN_TOKEN)))  # fmt: skip
     patch.setenv("RUNTIME_DIRECTORY", str(short_tmp))
     patch.setenv("TAGSTORE_TOKEN", ADMIN_TOKEN)
     yield

@@ -15,6 +15,7 @@ from hostd.model import Event, default_topology
 from hostd.model.events import EVENT_FAULT, EVENT_VM_CREATED
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
+from tests.conftest import ADMIN_TOKEN, token_channel
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -56,7 +57,7 @@ def daemon(tmp_path: Path, admin_token_file: Path) -> Iterator[Daemon]:
 
 def test_port_zero_is_resolved_to_the_bound_port(daemon: Daemon) -> None:
     assert not daemon.address.endswith(":0")
-    with grpc.insecure_channel(daemon.address) as channel:
+    with token_channel(daemon.address, ADMIN_TOKEN) as channel:
         host = pb_grpc.TagStorageStub(channel).GetHost(pb.GetHostRequest())
     assert 1 * GiB == host.total_bytes
 
@@ -64,7 +65,7 @@ def test_port_zero_is_resolved_to_the_bound_port(daemon: Daemon) -> None:
 def test_successful_mutations_are_journaled_in_call_order_and_refusals_are_not(
     daemon: Daemon,
 ) -> None:
-    with grpc.insecure_channel(daemon.address) as channel:
+    with token_channel(daemon.address, ADMIN_TOKEN) as channel:
         stub = pb_grpc.TagStorageStub(channel)
         stub.CreateVm(pb.CreateVmRequest(vm_id="a", boot_memory_bytes=4 * MiB))
         with pytest.raises(grpc.RpcError):

@@ -157,6 +157,9 @@ class HostdServer:
         self.dir = Path(tempfile.mkdtemp(prefix="tagstore-sim-", dir="/tmp"))
         self.address = f"unix:{self.dir}/hostd.sock"
         self.log_path = self.dir / "hostd.log"
+        # The daemon makes its admin token here at start; the simulator drives it with that.
+        self.token_path = self.dir / "admin.token"
+        self.token = ""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> HostdServer:
@@ -167,6 +170,8 @@ class HostdServer:
             "serve",
             "--listen",
             self.address,
+            "--admin-token-file",
+            str(self.token_path),
             "--metrics-listen",
             "",
             "--memory",
@@ -197,6 +202,7 @@ class HostdServer:
                         f"hostd did not start (exit code {self.proc.returncode})\n{self.log_tail()}"
                     )
                 time.sleep(0.05)
+        self.token = self.token_path.read_text().strip()
         return self
 
     def log_tail(self, lines: int = 20) -> str:
@@ -765,15 +771,18 @@ def run_scenario(
     host: str | None = None,
     progress: bool = False,
     keep_calls: list[str] | None = None,
+    token: str | None = None,
 ) -> RunResult:
-    """Run ``scenario`` against a fresh daemon with ``config`` (or the daemon at ``host``,
-    whose topology then wins over ``config``'s). ``keep_calls`` receives the call log."""
+    """Run ``scenario`` against a fresh daemon with ``config`` (or the daemon at ``host``, with
+    the admin ``token``, whose topology then wins over ``config``'s). ``keep_calls`` receives
+    the call log."""
     seed = scenario.seed if seed is None else seed
     plan = make_plan(scenario, seed, config.policy)
     with contextlib.ExitStack() as stack:
         if host is None:
-            host = stack.enter_context(HostdServer(config)).address
-        client = stack.enter_context(HostClient(host, timeout_s=CALL_TIMEOUT_S))
+            server = stack.enter_context(HostdServer(config))
+            host, token = server.address, server.token
+        client = stack.enter_context(HostClient(host, token=token, timeout_s=CALL_TIMEOUT_S))
         status = client.host_status()
         config = RunConfig(
             memory=status.total_bytes,
@@ -909,7 +918,14 @@ def simulate_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        result = run_scenario(scenario, config, args.seed, host=args.sim_host, progress=progress)
+        result = run_scenario(
+            scenario,
+            config,
+            args.seed,
+            host=args.sim_host,
+            progress=progress,
+            token=getattr(args, "token", None) if args.sim_host is not None else None,
+        )
     except (TagStoreClientError, RuntimeError) as e:
         print(one_line(f"vmm-shim simulate: error: {e}"), file=sys.stderr)
         return EXIT_FAILED

@@ -21,9 +21,6 @@ from google.protobuf.message import Message
 
 from tagstore.v1 import tagstore_pb2 as pb
 
-# grpc.insecure_channel as imported, before any session fixture makes every channel of the test
-# process carry a credential: the tests of what the client itself sends put it back.
-PLAIN_INSECURE_CHANNEL = grpc.insecure_channel
 SERVICE = pb.DESCRIPTOR.services_by_name["TagStorage"]
 SERVICE_NAME = SERVICE.full_name
 # Methods whose request names a VM (vm_id) and which that VM's token may call (issue 9).

@@ -11,11 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from tests.shim.conftest import CliRun
-from tests.shim.servers import PLAIN_INSECURE_CHANNEL, ScriptedHost, serve
+from tests.shim.servers import ScriptedHost, serve
 from vmm_shim import cli as cli_module
 from vmm_shim import report
 from vmm_shim.cli import ENV_HOST, ENV_TOKEN, main
@@ -24,10 +23,9 @@ ADMIN = "admin-token-for-the-cli-tests"
 
 
 @pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ScriptedHost, str]]:
+def scripted() -> Iterator[tuple[ScriptedHost, str]]:
     """A ScriptedHost that requires the admin token ``ADMIN``; channels carry only what the
     CLI sends."""
-    monkeypatch.setattr(grpc, "insecure_channel", PLAIN_INSECURE_CHANNEL)
     host = ScriptedHost(admin_token=ADMIN)
     server, address = serve(host.handler())
     yield host, address

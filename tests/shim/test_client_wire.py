@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.shim.servers import PLAIN_INSECURE_CHANNEL, ScriptedHost, serve
+from tests.shim.servers import ScriptedHost, serve
 from vmm_shim import (
     DeadlineExceeded,
     HostClient,
@@ -28,10 +28,9 @@ GPA = 0x4000_0000
 
 
 @pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ScriptedHost, str]]:
+def scripted() -> Iterator[tuple[ScriptedHost, str]]:
     """A ScriptedHost that requires credentials (admin token ``ADMIN``), and its address;
     clients' channels carry only what the client sends."""
-    monkeypatch.setattr(grpc, "insecure_channel", PLAIN_INSECURE_CHANNEL)
     host = ScriptedHost(admin_token=ADMIN)
     server, address = serve(host.handler())
     yield host, address
