@@ -39,6 +39,7 @@ from hostd.model.events import (
     Event,
     Subscriber,
 )
+from hostd.model.migration import HostMigration, MigrationState
 from hostd.model.physmem import (
     KIND_TAGGABLE,
     PAGE_STATE_OF_FLAG,
@@ -108,9 +109,10 @@ def _check_id(field: str, value: str) -> None:
         )
 
 
-class Host:
+class Host(HostMigration):
     """A modelled arm64 KVM host with dynamic (or static) MTE tag storage.
 
+    Live migration's operations come from :class:`~hostd.model.migration.HostMigration`.
     Not thread-safe: the daemon serialises calls.
     """
 
@@ -124,6 +126,8 @@ class Host:
         self.mem.on_remap = self._remap
         self._vms: dict[str, Vm] = {}
         self._by_slot: dict[int, Vm] = {}
+        # Migrations in progress by VM id (the rules are in hostd.model.migration).
+        self.migrations: dict[str, MigrationState] = {}
 
     @property
     def page_size(self) -> int:
@@ -237,6 +241,7 @@ class Host:
         if not mapped.any():
             return
         pages = s2[mapped].astype(np.int64) - 1
+        self._migration_mark_dirty(vm, offs[mapped])
         vm.tagged_pages -= int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
         vm.mapped_pages -= pages.size
         vm.stage2[offs[mapped]] = 0
@@ -326,6 +331,7 @@ class Host:
 
         Returns the VM as it was just before (its final mapped and tagged bytes)."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "destroying it")
         final = self._vm_status(vm)
         self._unmap(vm, np.flatnonzero(vm.stage2).astype(np.int64))
         self._forget_vm(vm)
@@ -362,6 +368,7 @@ class Host:
     def add_dimm(self, vm_id: str, device_id: str, size_bytes: int) -> MemoryDeviceStatus:
         """Hot-add a DIMM (plugged as a whole); an EAGER MTE VM gets it tagged up front."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "adding a memory device")
         _check_id("device_id", device_id)
         ps = self.page_size
         if size_bytes <= 0 or size_bytes % ps:
@@ -395,6 +402,7 @@ class Host:
     ) -> MemoryDeviceStatus:
         """Add a virtio-mem device with nothing plugged; the guest plugs blocks on request."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "adding a memory device")
         _check_id("device_id", device_id)
         bs = config.block_size_bytes
         if bs < max(VIRTIO_MEM_MIN_BLOCK_BYTES, self.page_size) or bs & (bs - 1):
@@ -458,6 +466,7 @@ class Host:
     def remove_memory_device(self, vm_id: str, device_id: str) -> None:
         """Remove a DIMM (its memory is released) or a virtio-mem device with nothing plugged."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "removing a memory device")
         dev = self._device(vm, device_id)
         if dev.kind is MemoryDeviceKind.BOOT_RAM:
             raise FailedPreconditionError(
@@ -483,6 +492,7 @@ class Host:
     ) -> MemoryDeviceStatus:
         """The operator changes ``requested_size``; the guest driver then plugs or unplugs."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "resizing a memory device")
         dev = self._virtio_mem(vm, device_id)
         self._check_requested(requested_size_bytes, dev.block_size_bytes, dev.size_bytes)
         dev.requested_size_bytes = requested_size_bytes
@@ -508,7 +518,11 @@ class Host:
         """Process a guest driver request; the outcome is an answer, never an exception."""
         vm = self._vm(vm_id)
         dev = self._virtio_mem(vm, device_id)
-        answer = self._process_virtio_mem(vm, dev, kind, addr, nb_blocks)
+        if self._migration_busy(vm):
+            # QEMU answers BUSY while a migration runs; the driver retries on a timer.
+            answer = VirtioMemAnswer(VirtioMemResponse.BUSY)
+        else:
+            answer = self._process_virtio_mem(vm, dev, kind, addr, nb_blocks)
         self.counters.add(self.counters.virtio_mem_requests, (kind.value, answer.response.value))
         return answer
 
@@ -589,6 +603,7 @@ class Host:
         outcome = "error"
         try:
             vm = self._vm(vm_id)
+            self._migration_refuse_io(vm, "guest fault")
             self._check_range_args(gpa, length_bytes, MAX_FAULT_BYTES)
             if access is Access.TAG and not vm.config.mte_enabled:
                 raise FailedPreconditionError(
@@ -645,6 +660,7 @@ class Host:
         )
         if self._mapped_as_wanted(vm, s2, access):
             return FaultResult()
+        self._migration_mark_dirty(vm, offs)
         unmapped = offs[s2 == 0]
         if not needs_tags:
             # Untagged memory; an MTE guest's stays on MTE-capable RAM (may be lent tag storage).
@@ -725,6 +741,7 @@ class Host:
         a tag access, so every page of the range ends up tagged.
         """
         vm = self._vm(vm_id)
+        self._migration_refuse_io(vm, "tag copy")
         offs = self._guest_range(vm, gpa, length_bytes, MAX_TAG_COPY_BYTES)
         if not vm.config.mte_enabled:
             raise FailedPreconditionError(
@@ -750,6 +767,7 @@ class Host:
         self.counters.add(self.counters.tags_copied_bytes, direction.value, nr_tags)
         if direction is TagCopyDirection.TO_GUEST:
             self.mem.tags.write(pages, arr.reshape(offs.size, -1))
+            self._migration_mark_dirty(vm, offs)
             return b""
         return self.mem.tags.read(pages).tobytes()
 
@@ -918,6 +936,7 @@ class Host:
             "placement": mem.placement.value,
             "vms": vms,
             "counters": self.counters.to_doc(),
+            "migrations": self._migrations_doc(arrays),
         }
         return HostState(arrays, tables)
 
@@ -959,6 +978,7 @@ class Host:
             host._by_slot[vm.slot] = vm
             mem.mte_owner[vm.slot] = vm.config.mte_enabled
         host.counters.load_doc(t["counters"])
+        host._restore_migrations(t.get("migrations", []), a)
         return host
 
 
