@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hostd.model import invariants
+from hostd.model.compaction import HostPageMigration
 from hostd.model.errors import (
     RESOURCE_DIMM_SLOTS,
     RESOURCE_GUEST_ADDRESS_SPACE,
@@ -109,10 +110,12 @@ def _check_id(field: str, value: str) -> None:
         )
 
 
-class Host(HostMigration):
+class Host(HostMigration, HostPageMigration):
     """A modelled arm64 KVM host with dynamic (or static) MTE tag storage.
 
-    Live migration's operations come from :class:`~hostd.model.migration.HostMigration`.
+    Live migration's operations come from :class:`~hostd.model.migration.HostMigration`, host
+    page migration's (compaction, offlining) from
+    :class:`~hostd.model.compaction.HostPageMigration`.
     Not thread-safe: the daemon serialises calls.
     """
 
