@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hostd.api.expiry import MigrationExpiry
 from hostd.api.servicer import TagStorageServicer
 from hostd.logs import configure_logging, kv
 from hostd.metrics import MetricsHttpServer, TagStoreMetrics
@@ -77,6 +78,7 @@ class Daemon:
     store: Store | None
     metrics: TagStoreMetrics
     metrics_server: MetricsHttpServer | None
+    expiry: MigrationExpiry | None = None
 
     def start(self) -> None:
         """Start serving and report SERVING on the health service."""
@@ -86,6 +88,8 @@ class Daemon:
         gc.collect()
         gc.freeze()
         self.server.start()
+        self.expiry = MigrationExpiry(self.servicer)
+        self.expiry.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
@@ -101,6 +105,8 @@ class Daemon:
         """NOT_SERVING, end event streams, drain in-flight calls, then save and release state."""
         self.health.enter_graceful_shutdown()
         self.servicer.close()
+        if self.expiry is not None:
+            self.expiry.stop()
         self.server.stop(grace_seconds).wait()
         # No call can be in flight now; the lock still guards against the metrics thread.
         with self.servicer.lock:

@@ -83,6 +83,9 @@ JOURNALED_METHODS = frozenset(
         "commit_migration",
         "abort_migration",
         "expire_migrations",
+        # Host page migration (hostd.model.compaction).
+        "compact_tag_region",
+        "evacuate_host_range",
     }
 )
 

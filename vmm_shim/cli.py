@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("vm_id", metavar="ID")
         sub.add_argument("device_id", metavar="DEV")
 
-    for module_name in ("vmm_shim.simulate", "vmm_shim.report"):
+    for module_name in ("vmm_shim.simulate", "vmm_shim.report", "vmm_shim.migrate"):
         _add_optional_cli(commands, module_name)
     return parser
 

@@ -43,6 +43,7 @@ from grpc_status import rpc_status
 
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
+from vmm_shim.migration_client import MigrationCalls
 
 __all__ = [
     "ACCESSES",
@@ -572,8 +573,11 @@ class EventStream:
         self.cancel()
 
 
-class HostClient:
+class HostClient(MigrationCalls):
     """A connection to one hostd (``host:port`` or ``unix:/path``); a context manager.
+
+    Live migration and host page migration calls come from
+    :class:`vmm_shim.migration_client.MigrationCalls`; ``migrate()`` runs a whole migration.
 
     ``timeout_s`` is the deadline of each call, retries included. ``channel`` replaces the
     channel the client would open (tests, custom credentials); the client then does not own it

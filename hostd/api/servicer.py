@@ -16,6 +16,7 @@ import collections
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -334,3 +335,124 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
             with self.lock:
                 self.host.unsubscribe(queue.put)
             self._watchers.discard(queue)
+
+    # -- live migration: each step is one model call; the wall clock is read here, because
+    # the model keeps no clock of its own (deadlines are passed in).
+
+    @_rpc(logging.INFO)
+    def StartMigration(
+        self, request: pb.StartMigrationRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationManifest:
+        manifest = self._call(
+            Host.start_migration,
+            request.vm_id,
+            request.migration_id,
+            time.time(),
+            request.timeout_seconds,
+        )
+        return convert.manifest_to_proto(manifest)
+
+    @_rpc(logging.INFO)
+    def AdmitMigration(
+        self, request: pb.AdmitMigrationRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationStatus:
+        manifest = convert.manifest_from_proto(request.manifest)
+        status = self._call(Host.admit_migration, manifest, time.time(), request.lease_seconds)
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.DEBUG)
+    def ReadMigrationChunk(
+        self, request: pb.ReadMigrationChunkRequest, context: grpc.ServicerContext
+    ) -> pb.ReadMigrationChunkResponse:
+        chunk = self._call(
+            Host.read_migration_chunk, request.vm_id, request.migration_id, time.time()
+        )
+        if chunk is None:
+            return pb.ReadMigrationChunkResponse(round_done=True)
+        return pb.ReadMigrationChunkResponse(chunk=convert.tag_chunk_to_proto(chunk))
+
+    @_rpc(logging.DEBUG)
+    def WriteMigrationChunk(
+        self, request: pb.WriteMigrationChunkRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationStatus:
+        chunk = convert.tag_chunk_from_proto(request.chunk)
+        status = self._call(
+            Host.write_migration_chunk, request.vm_id, request.migration_id, chunk, time.time()
+        )
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.INFO)
+    def NextMigrationRound(
+        self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
+    ) -> pb.NextMigrationRoundResponse:
+        pages = self._call(
+            Host.next_migration_round, request.vm_id, request.migration_id, time.time()
+        )
+        return pb.NextMigrationRoundResponse(round_pages=pages)
+
+    @_rpc(logging.INFO)
+    def PauseMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationStatus:
+        status = self._call(Host.pause_migration, request.vm_id, request.migration_id, time.time())
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.INFO)
+    def HandoverMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationStatus:
+        status = self._call(
+            Host.handover_migration, request.vm_id, request.migration_id, time.time()
+        )
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.INFO)
+    def CommitMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationReport:
+        report = self._call(Host.commit_migration, request.vm_id, request.migration_id)
+        return convert.migration_report_to_proto(report)
+
+    @_rpc(logging.INFO)
+    def CompleteMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationReport:
+        report = self._call(Host.complete_migration, request.vm_id, request.migration_id)
+        return convert.migration_report_to_proto(report)
+
+    @_rpc(logging.INFO)
+    def AbortMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationStatus:
+        status = self._call(Host.abort_migration, request.vm_id, request.migration_id)
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.DEBUG)
+    def GetMigration(
+        self, request: pb.GetMigrationRequest, context: grpc.ServicerContext
+    ) -> pb.MigrationStatus:
+        return convert.migration_status_to_proto(self._call(Host.get_migration, request.vm_id))
+
+    def expire_migrations(self) -> int:
+        """End migrations whose deadline passed (the daemon's timer calls this); returns how
+        many. Journals a call only when one is due."""
+        now = time.time()
+        deadline = self._call(Host.next_migration_deadline)
+        if deadline is None or deadline >= now:
+            return 0
+        return len(self._call(Host.expire_migrations, now))
+
+    # -- host page migration
+
+    @_rpc(logging.INFO)
+    def CompactTagRegion(
+        self, request: pb.CompactTagRegionRequest, context: grpc.ServicerContext
+    ) -> pb.CompactTagRegionResponse:
+        return convert.compaction_to_proto(self._call(Host.compact_tag_region, request.region))
+
+    @_rpc(logging.INFO)
+    def EvacuateHostRange(
+        self, request: pb.EvacuateHostRangeRequest, context: grpc.ServicerContext
+    ) -> pb.EvacuateHostRangeResponse:
+        result = self._call(Host.evacuate_host_range, request.pfn_start, request.nr_pages)
+        return convert.evacuation_to_proto(result)

@@ -860,6 +860,13 @@ class HostMigration:
                 self._abort(m, MigrationOutcome.EXPIRED)
         return ended
 
+    def next_migration_deadline(self) -> float | None:
+        """The earliest deadline :meth:`expire_migrations` would act on (None: nothing to do)."""
+        due = [
+            m.deadline for m in self.migrations.values() if m.phase is not MigrationPhase.HANDOVER
+        ]
+        return min(due) if due else None
+
     # ------------------------------------------------------------- persistence
 
     def _migrations_doc(self, arrays: dict[str, npt.NDArray[Any]]) -> list[dict[str, Any]]:
