@@ -325,3 +325,30 @@ def test_cli_migrates_with_json_and_refuses_nonsense(
     assert "tag block(s) freed" in capsys.readouterr().out
     assert_clean(src, dst)
     dst.vm("cli-vm").destroy()
+
+
+def test_watch_events_reports_every_phase_on_both_sides(
+    pair: tuple[HostClient, HostClient],
+) -> None:
+    """WatchEvents streams migration_phase events: PRECOPY, PAUSED, HANDOVER, COMPLETED on
+    the source; INCOMING, COMPLETED on the destination."""
+    src, dst = pair
+    vm_id = "events"
+    build_vm(src, vm_id, mte=True, policy="ON_FAULT")
+    with src.watch_events() as src_events, dst.watch_events() as dst_events:
+        src.migrate(vm_id, dst, migration_id="ev-1")
+
+        def phases(stream: object, last: str) -> list[str]:
+            out: list[str] = []
+            for event in stream:  # type: ignore[attr-defined]
+                if event.kind == "migration_phase" and event.vm_id == vm_id:
+                    assert "ev-1" == event.detail["migration_id"]
+                    out.append(event.detail["phase"])
+                    if event.detail["phase"] == last:
+                        return out
+            return out
+
+        assert ["PRECOPY", "PAUSED", "HANDOVER", "COMPLETED"] == phases(src_events, "COMPLETED")
+        assert ["INCOMING", "COMPLETED"] == phases(dst_events, "COMPLETED")
+    dst.vm(vm_id).destroy()
+    assert_clean(src, dst)
