@@ -235,8 +235,10 @@ class MigrationState:
     # Source: stage-2 offsets of the current round, and how many of them were sent.
     round_offs: IndexArray = field(default_factory=lambda: np.empty(0, np.int64))
     cursor: int = 0
-    # Destination: tags received, applied at commit (latest row per page wins).
+    # Destination: tags received, applied at commit (the latest state of a page wins): the
+    # offsets of tagged pages, which of them have non-zero tags, and those pages' rows.
     staged_offs: list[IndexArray] = field(default_factory=list)
+    staged_nonzero: list[npt.NDArray[np.bool_]] = field(default_factory=list)
     staged_rows: list[npt.NDArray[np.uint8]] = field(default_factory=list)
 
     def status(self) -> MigrationStatus:
@@ -478,18 +480,22 @@ class HostMigration:
         pages = s2[is_mapped] - 1
         is_tagged = np.zeros(offs.size, dtype=bool)
         is_tagged[is_mapped] = mem.flags[pages] == TG_TAGGED
-        rows = mem.tags.read(s2[is_tagged] - 1)
-        nonzero_t: npt.NDArray[np.bool_] = np.asarray(rows.any(axis=1), dtype=bool)
-        # Cut where the packed tags would exceed the chunk's byte bound (at least one page).
+        # The tag store keeps only pages with a non-zero tag: which pages those are is a
+        # lookup, so only their rows are ever read.
         nonzero_all = np.zeros(offs.size, dtype=bool)
-        nonzero_all[is_tagged] = nonzero_t
+        stored = mem.tags.pages
+        if stored.size:
+            tagged_pages = s2[is_tagged] - 1
+            pos = np.minimum(np.searchsorted(stored, tagged_pages), stored.size - 1)
+            nonzero_all[is_tagged] = stored[pos] == tagged_pages
+        # Cut where the packed tags would exceed the chunk's byte bound (at least one page).
         tag_bytes_cum = np.cumsum(nonzero_all) * packed_per_page
         cut = max(1, int(np.searchsorted(tag_bytes_cum, CHUNK_MAX_TAG_BYTES, side="right")))
         if cut < offs.size:
             offs, is_mapped, is_tagged = offs[:cut], is_mapped[:cut], is_tagged[:cut]
-            nonzero_all = nonzero_all[:cut]
-            nr_tagged = int(is_tagged.sum())
-            rows, nonzero_t = rows[:nr_tagged], nonzero_t[:nr_tagged]
+            nonzero_all, s2 = nonzero_all[:cut], s2[:cut]
+        nonzero_t = nonzero_all[is_tagged]
+        rows = mem.tags.read(s2[nonzero_all] - 1)
         first = int(offs[0])
         span = int(offs[-1]) - first + 1
         present = np.zeros(span, dtype=bool)
@@ -503,7 +509,7 @@ class HostMigration:
             mapped=_bits(is_mapped),
             tagged=_bits(is_tagged[is_mapped]),
             nonzero=_bits(nonzero_t),
-            tags=pack_tags(rows[nonzero_t]),
+            tags=pack_tags(rows),
             checksum=0,
         )
         chunk = _with_checksum(chunk)
@@ -742,7 +748,7 @@ class HostMigration:
                 seq=chunk.seq,
             )
         vm = self._vm(vm_id)
-        offs, want_mapped, want_tagged, rows = self._decode_chunk(vm, chunk)
+        offs, want_mapped, want_tagged, nonzero, rows = self._decode_chunk(vm, chunk)
         s2 = vm.stage2[offs].astype(np.int64)
         have_mapped = s2 != 0
         have_tagged = np.zeros(offs.size, dtype=bool)
@@ -759,6 +765,7 @@ class HostMigration:
             offs[want_tagged & ~have_tagged],
         )
         m.staged_offs.append(offs[want_tagged])
+        m.staged_nonzero.append(nonzero)
         m.staged_rows.append(rows)
         m.chunks += 1
         m.round = max(m.round, chunk.round)
@@ -769,7 +776,13 @@ class HostMigration:
 
     def _decode_chunk(
         self, vm: Vm, chunk: TagChunk
-    ) -> tuple[IndexArray, npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.uint8]]:
+    ) -> tuple[
+        IndexArray,
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.uint8],
+    ]:
         span = chunk.span_pages
         if not 0 < span <= 8 * CHUNK_MAX_PAGES or chunk.first_gfn_offset < 0:
             raise InvalidArgumentError("span_pages", span, "window outside the chunk bounds")
@@ -799,9 +812,7 @@ class HostMigration:
             mask = vm.plugged_mask(lo, (hi - lo) // self.page_size)
             if not mask[(gpas - lo) // self.page_size].all():
                 raise InvalidArgumentError("mapped", "bitmap", "marks pages that are not plugged")
-        rows = np.zeros((int(want_tagged.sum()), tpp), np.uint8)
-        rows[nonzero] = unpack_tags(chunk.tags, nr_nonzero, tpp)
-        return offs, want_mapped, want_tagged, rows
+        return offs, want_mapped, want_tagged, nonzero, unpack_tags(chunk.tags, nr_nonzero, tpp)
 
     def commit_migration(self, vm_id: str, migration_id: str) -> MigrationReport:
         """The destination owns the VM from now on: staged tags are written (their storage was
@@ -811,16 +822,25 @@ class HostMigration:
         vm = self._vm(vm_id)
         if m.staged_offs:
             offs = np.concatenate(m.staged_offs)
+            nonzero = np.concatenate(m.staged_nonzero)
             rows = np.concatenate(m.staged_rows)
-            # The latest row of a page wins: keep the last occurrence of each offset.
-            rev_unique, rev_idx = np.unique(offs[::-1], return_index=True)
-            keep = offs.size - 1 - rev_idx
-            s2 = vm.stage2[rev_unique].astype(np.int64)
+            row_of = np.cumsum(nonzero) - 1
+            # The latest state of a page wins: the last occurrence of each offset (pages dropped
+            # or untagged later are not tagged now); pages whose last state is all-zero tags
+            # need no write (fresh tagged pages read as zero).
+            last = np.ones(offs.size, dtype=bool)
+            if len(m.staged_offs) > 1:
+                order = np.argsort(offs, kind="stable")
+                later = np.zeros(offs.size, dtype=bool)
+                later[order[:-1]] = offs[order[1:]] == offs[order[:-1]]
+                last = ~later
+            pick = last & nonzero
+            s2 = vm.stage2[offs[pick]].astype(np.int64)
             still = s2 != 0
             pages = s2[still] - 1
             is_tagged = self.mem.flags[pages] == TG_TAGGED
-            self.mem.tags.write(pages[is_tagged], rows[keep[still]][is_tagged])
-        m.staged_offs, m.staged_rows = [], []
+            self.mem.tags.write(pages[is_tagged], rows[row_of[pick][still][is_tagged]])
+        m.staged_offs, m.staged_nonzero, m.staged_rows = [], [], []
         report = MigrationReport(
             migration_id,
             vm_id,
@@ -891,6 +911,7 @@ class HostMigration:
             arrays[f"mig{i}_round_offs"] = m.round_offs.copy()
             if m.staged_offs:
                 arrays[f"mig{i}_staged_offs"] = np.concatenate(m.staged_offs)
+                arrays[f"mig{i}_staged_nonzero"] = np.concatenate(m.staged_nonzero)
                 arrays[f"mig{i}_staged_rows"] = np.concatenate(m.staged_rows)
             docs.append(doc)
         return docs
@@ -918,6 +939,7 @@ class HostMigration:
             m.round_offs = arrays[f"mig{i}_round_offs"].astype(np.int64)
             if f"mig{i}_staged_offs" in arrays:
                 m.staged_offs = [arrays[f"mig{i}_staged_offs"].astype(np.int64)]
+                m.staged_nonzero = [arrays[f"mig{i}_staged_nonzero"].astype(bool)]
                 m.staged_rows = [arrays[f"mig{i}_staged_rows"].astype(np.uint8)]
             self.migrations[m.vm_id] = m
 
