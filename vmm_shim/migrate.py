@@ -124,11 +124,22 @@ def _client(address: str, timeout_s: float, token: str | None) -> HostClient:
     return HostClient(address, timeout_s=timeout_s)
 
 
+def _out(text: str) -> None:
+    """Print to stdout; a reader that went away (``| head``) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _error(args: argparse.Namespace, code: str, reason: str, message: str) -> int:
     head = f"{code} {reason}" if reason else code
     print(f"error: {head}: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"error": {"code": code, "reason": reason, "message": message}}))
+        _out(json.dumps({"error": {"code": code, "reason": reason, "message": message}}))
     return EXIT_ERROR
 
 
@@ -182,9 +193,9 @@ def _migrate_main(args: argparse.Namespace) -> int:
         return _error(args, e.code, e.reason, e.message)
     line.done()
     if as_json:
-        print(json.dumps(dataclasses.asdict(result), indent=2))
+        _out(json.dumps(dataclasses.asdict(result), indent=2))
     else:
-        print(
+        _out(
             f"migrated {result.vm_id} to {args.to} in {result.rounds} round(s): "
             f"{format_size(result.mapped_bytes)} mapped, {format_size(result.tagged_bytes)} "
             f"tagged; {format_size(result.wire_bytes)} on the wire "
@@ -200,9 +211,9 @@ def _compact_main(args: argparse.Namespace) -> int:
     except TagStoreClientError as e:
         return _error(args, e.code, e.reason, e.message)
     if getattr(args, "json", False):
-        print(json.dumps(dataclasses.asdict(r), indent=2))
+        _out(json.dumps(dataclasses.asdict(r), indent=2))
     else:
-        print(
+        _out(
             f"{r.region}: {r.tag_blocks_freed} tag block(s) freed, {r.tag_blocks_reserved} "
             f"reserved (at least {r.tag_blocks_min_needed} needed); {r.compacted_pages} tagged "
             f"page(s) packed, {r.evacuated_pages} lent page(s) moved out"
@@ -218,10 +229,10 @@ def _evacuate_main(args: argparse.Namespace) -> int:
     except TagStoreClientError as e:
         return _error(args, e.code, e.reason, e.message)
     if getattr(args, "json", False):
-        print(json.dumps(dataclasses.asdict(r), indent=2))
+        _out(json.dumps(dataclasses.asdict(r), indent=2))
     else:
         text = f"pfn {r.pfn_start:#x}+{r.nr_pages}: {r.moved_pages} guest page(s) moved"
         if not r.complete:
             text += f", {r.pages_left} left ({r.stopped_reason})"
-        print(text)
+        _out(text)
     return EXIT_OK

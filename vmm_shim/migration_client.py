@@ -291,8 +291,8 @@ def migrate(
         report("paused")
         send_round()
         # Pages dirtied between the last round's start and the pause.
+        state["round"] += 1
         if src.next_migration_round(vm_id, mid):
-            state["round"] += 1
             send_round()
         src.handover_migration(vm_id, mid)
         report("handover")
