@@ -195,30 +195,13 @@ class HostPageMigration:
             self._count_moves(MigrationReason.EVACUATION, evacuated)
             mem.counters.add(mem.counters.evacuated_pages, reg.name, evacuated)
         lent_left = int(lent.size - evacuated)
-        # 2. Pack: the emptiest blocks give up their tagged pages while the others have room.
-        used = np.flatnonzero(reg.refcount > 0)
+        # 2. Pack: the emptiest blocks give up their tagged pages while the others have room,
+        # fullest first. Each pass empties (and releases) at least one block; passes repeat
+        # until none can be emptied, so a second compaction finds nothing to do.
         compacted = 0
-        if used.size > 1:
-            order = used[np.argsort(reg.refcount[used], kind="stable")]
-            rc = reg.refcount[order].astype(np.int64)
-            free = reg.span_free[order].astype(np.int64)
-            moved_cum = np.cumsum(rc)
-            room_after = free.sum() - np.cumsum(free)  # free pages in blocks kept after k
-            fits = np.flatnonzero(moved_cum <= room_after)
-            k = int(fits[-1]) + 1 if fits.size and fits[0] == 0 else 0
-            if k:
-                victims, keep = order[:k], order[k:]
-                span = reg.data_pages(victims).ravel()
-                src = span[mem.flags[span] == TG_TAGGED]
-                room = reg.data_pages(keep).ravel()
-                dst = room[mem.flags[room] == TG_FREE][: src.size]
-                owners, offs = self._gfn_offsets_of(src)
-                # The kept blocks are reserved: claiming their free pages reserves nothing new.
-                pending = mem._claim(dst, USE_TAGGED, mem.owner[src], None)
-                assert not pending, "compaction target blocks must already be reserved"
-                self._move_pages(src, dst, owners, offs)
-                compacted = int(src.size)
-                self._count_moves(MigrationReason.COMPACTION, compacted)
+        while (moved := self._pack_once(reg)) > 0:
+            compacted += moved
+        self._count_moves(MigrationReason.COMPACTION, compacted)
         return CompactionResult(
             region=reg.name,
             evacuated_pages=evacuated,
@@ -228,6 +211,34 @@ class HostPageMigration:
             tag_blocks_reserved=reg.nr_reserved,
             tag_blocks_min_needed=mem.min_blocks_needed(reg),
         )
+
+    def _pack_once(self, reg: TagRegion) -> int:
+        """Empty the longest prefix of the emptiest reserved blocks whose tagged pages fit in
+        the free data pages of the other blocks; returns the pages moved (0: nothing fits)."""
+        mem = self.mem
+        used = np.flatnonzero(reg.refcount > 0)
+        if used.size < 2:
+            return 0
+        order = used[np.argsort(reg.refcount[used], kind="stable")]
+        rc = reg.refcount[order].astype(np.int64)
+        free = reg.span_free[order].astype(np.int64)
+        moved_cum = np.cumsum(rc)
+        room_after = free.sum() - np.cumsum(free)  # free pages in the blocks kept after k
+        fits = moved_cum <= room_after
+        k = int(np.argmin(fits)) if not fits.all() else fits.size
+        if k == 0:
+            return 0
+        victims, keep = order[:k], order[k:][::-1]
+        span = reg.data_pages(victims).ravel()
+        src = span[mem.flags[span] == TG_TAGGED]
+        room = reg.data_pages(keep).ravel()
+        dst = room[mem.flags[room] == TG_FREE][: src.size]
+        owners, offs = self._gfn_offsets_of(src)
+        # The kept blocks are reserved: claiming their free pages reserves nothing new.
+        pending = mem._claim(dst, USE_TAGGED, mem.owner[src], None)
+        assert not pending, "compaction target blocks must already be reserved"
+        self._move_pages(src, dst, owners, offs)
+        return int(src.size)
 
     # ------------------------------------------------------------- offlining
 

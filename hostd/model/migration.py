@@ -887,6 +887,24 @@ class HostMigration:
         ]
         return min(due) if due else None
 
+    def migration_invariants(self) -> list[str]:
+        """Violated invariants of the migrations, as sentences (part of check_invariants)."""
+        out: list[str] = []
+        for vm_id, m in self.migrations.items():
+            vm = self.vms.get(vm_id)
+            if vm is None or m.vm_id != vm_id:
+                out.append(f"migration {m.migration_id!r}: VM {vm_id!r} does not exist")
+                continue
+            if (m.role is MigrationRole.OUTGOING) != (m.phase is not MigrationPhase.INCOMING):
+                out.append(f"migration {m.migration_id!r}: phase {m.phase.value} for {m.role}")
+            if m.dirty is not None and m.dirty.size != vm.stage2.size:
+                out.append(f"migration {m.migration_id!r}: dirty bitmap of the wrong size")
+            if m.round_offs.size and int(m.round_offs.max()) >= vm.stage2.size:
+                out.append(f"migration {m.migration_id!r}: round beyond the guest's memory")
+            if not 0 <= m.cursor <= m.round_offs.size:
+                out.append(f"migration {m.migration_id!r}: cursor {m.cursor} out of its round")
+        return out
+
     # ------------------------------------------------------------- persistence
 
     def _migrations_doc(self, arrays: dict[str, npt.NDArray[Any]]) -> list[dict[str, Any]]:
