@@ -352,3 +352,24 @@ def test_watch_events_reports_every_phase_on_both_sides(
         assert ["INCOMING", "COMPLETED"] == phases(dst_events, "COMPLETED")
     dst.vm(vm_id).destroy()
     assert_clean(src, dst)
+
+
+def test_cut_connection_leaves_the_vm_running_on_the_source_only(
+    pair: tuple[HostClient, HostClient],
+) -> None:
+    """A client whose calls to the destination miss their deadline gives up: the migration is
+    aborted, the VM runs on the source, and the destination holds nothing once its lease (or
+    the client's abort) ended it."""
+    src, dst = pair
+    vm_id = "cut"
+    build_vm(src, vm_id, mte=True, policy="EAGER")
+    with (
+        HostClient(dst.address, timeout_s=0.001, max_attempts=1) as hasty,
+        pytest.raises(TagStoreClientError),
+    ):
+        src.migrate(vm_id, hasty, lease_s=1.0)
+    assert not_migrating(src, vm_id)
+    src.vm(vm_id).fault(BOOT_RAM_GPA + 32 * MiB, MiB)
+    wait_for(lambda: gone(dst, vm_id) and not_migrating(dst, vm_id))
+    assert_clean(src, dst)
+    src.vm(vm_id).destroy()

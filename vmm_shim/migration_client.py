@@ -276,6 +276,9 @@ def migrate(
     try:
         dst.admit_migration(manifest, lease_s)
     except BaseException:
+        # The admission may have happened with only its reply lost: undo it too (else the
+        # lease ends it).
+        _quietly(dst.abort_migration, vm_id, mid)
         _quietly(src.abort_migration, vm_id, mid)
         raise
     try:
