@@ -59,6 +59,7 @@ from hostd.model.errors import (
 from hostd.model.events import EVENT_MIGRATION_PHASE, Event
 from hostd.model.physmem import TG_FREE, TG_TAGGED, TS_FREE, UT_FREE
 from hostd.model.types import (
+    BOOT_RAM_GPA,
     MTE_GRANULE_BYTES,
     Access,
     MemoryDeviceKind,
@@ -81,6 +82,8 @@ IndexArray = npt.NDArray[np.int64]
 CHUNK_MAX_PAGES = 1 << 16
 CHUNK_MAX_TAG_BYTES = 1 << 20
 MAX_DEADLINE_SECONDS = 24 * 3600.0
+# Guest memory a manifest may describe (the model's own limit on a VM, 4 TiB).
+MAX_MANIFEST_GUEST_BYTES = 4 << 40
 
 
 class MigrationRole(enum.Enum):
@@ -618,9 +621,17 @@ class HostMigration:
                 reason="VM_ALREADY_EXISTS",
                 vm_id=cfg.vm_id,
             )
-        span = Vm.create(0, cfg, self.page_size).stage2.size
-        mapped = _unbits(_inflate(manifest.mapped, "mapped"), span, "mapped")
-        tagged = _unbits(_inflate(manifest.tagged, "tagged"), span, "tagged")
+        for name, value in (
+            ("boot_memory_bytes", cfg.boot_memory_bytes),
+            ("max_memory_bytes", cfg.max_memory_bytes),
+        ):
+            # Checked again by create_vm; here so that no bitmap is sized from a wild value.
+            if not 0 < value <= MAX_MANIFEST_GUEST_BYTES and not (name[0] == "m" and value == 0):
+                raise InvalidArgumentError(name, value, f"must be 1..{MAX_MANIFEST_GUEST_BYTES:#x}")
+        span = (Vm.device_area(cfg)[1] - BOOT_RAM_GPA) // self.page_size
+        nbytes = -(-span // 8)
+        mapped = _unbits(_inflate(manifest.mapped, "mapped", nbytes), span, "mapped")
+        tagged = _unbits(_inflate(manifest.tagged, "tagged", nbytes), span, "tagged")
         if (tagged & ~mapped).any():
             raise InvalidArgumentError("tagged", "bitmap", "marks pages that are not mapped")
         self._admission_check(manifest, mapped, tagged)
@@ -709,8 +720,14 @@ class HostMigration:
             )
             if dev.is_virtio_mem:
                 bs = d.block_size_bytes
-                if bs < ps or bs & (bs - 1) or d.size_bytes % bs:
+                if bs < ps or bs & (bs - 1) or d.size_bytes % bs or d.gpa % bs:
                     raise InvalidArgumentError("block_size", bs, "not a power of two dividing it")
+                for name, value in (
+                    ("requested_size", d.requested_size_bytes),
+                    ("usable_region_size", d.usable_region_size_bytes),
+                ):
+                    if value % bs or value > d.size_bytes:
+                        raise InvalidArgumentError(name, value, "not blocks of the region")
                 dev.plugged = _unbits(d.plugged, d.size_bytes // bs, "plugged")
             vm.devices[dev.device_id] = dev
 
@@ -756,14 +773,17 @@ class HostMigration:
         # Drop what the source dropped, and pages whose taggedness went back (a discard and a
         # fresh fault on the source); then map what is missing, as the source maps it.
         drop = have_mapped & (~want_mapped | (have_tagged & ~want_tagged))
-        self._unmap(vm, offs[drop])
-        have_mapped &= ~drop
-        have_tagged &= ~drop
+        # New pages first: their allocation is the step that can be refused, and then nothing
+        # has changed yet. Pages the source discarded and faulted again (rare) are re-mapped
+        # after they are dropped.
+        fresh = ~have_mapped
         self._back_pages(
             vm,
-            offs[want_mapped & ~want_tagged & ~have_mapped],
-            offs[want_tagged & ~have_tagged],
+            offs[fresh & want_mapped & ~want_tagged],
+            offs[want_tagged & ~have_tagged & ~drop],
         )
+        self._unmap(vm, offs[drop])
+        self._back_pages(vm, offs[drop & want_mapped & ~want_tagged], offs[drop & want_tagged])
         m.staged_offs.append(offs[want_tagged])
         m.staged_nonzero.append(nonzero)
         m.staged_rows.append(rows)
@@ -967,11 +987,17 @@ def _check_migration_id(migration_id: str) -> None:
         raise InvalidArgumentError("migration_id", migration_id, "must be 1-64 characters")
 
 
-def _inflate(data: bytes, field_name: str) -> bytes:
+def _inflate(data: bytes, field_name: str, expected: int) -> bytes:
+    """Decompress a bitmap of ``expected`` bytes; never inflates beyond one byte more."""
     try:
-        return zlib.decompress(data)
+        out = zlib.decompressobj().decompress(data, expected + 1)
     except zlib.error:
         raise InvalidArgumentError(field_name, f"{len(data)} bytes", "not a zlib stream") from None
+    if len(out) != expected:
+        raise InvalidArgumentError(
+            field_name, f"{len(out)}+ bytes inflated", f"expected {expected} bytes"
+        )
+    return out
 
 
 def _with_checksum(chunk: TagChunk) -> TagChunk:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hostd.model import (
     Access,
@@ -21,6 +23,7 @@ from hostd.model import (
     ResourceExhaustedError,
     TagCopyDirection,
     TagPolicy,
+    TagStoreError,
     VirtioMemConfig,
     VirtioMemRequestType,
     VirtioMemResponse,
@@ -395,3 +398,68 @@ def test_tag_bytes_on_the_wire_stay_within_five_percent_of_the_packed_minimum() 
     minimum = tags.shape[0] // 8 * ps // 32
     assert minimum == sum(len(c.tags) for c in chunks)
     assert sum(c.wire_bytes for c in chunks) <= 1.05 * minimum
+
+
+U64 = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 4096, 2 * MiB, 64 * MiB]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    field=st.sampled_from(["mapped", "tagged", "boot", "max", "dev_gpa", "dev_size", "block"]),
+    value=U64,
+    blob=st.binary(max_size=64),
+)
+def test_a_mangled_manifest_is_refused_with_a_model_error_and_changes_nothing(
+    field: str, value: int, blob: bytes
+) -> None:
+    """Whatever a manifest holds, admission either succeeds soundly or refuses with the
+    model's own error, leaving the destination as it was."""
+    src, dst = new_host(), new_host()
+    build_vm(src, "vm", True, TagPolicy.ON_FAULT)
+    manifest = src.start_migration("vm", MIG, T0, TIMEOUT)
+    devices = list(manifest.devices)
+    vmem = next(i for i, d in enumerate(devices) if d.device_id == "vmem0")
+    if field in ("mapped", "tagged"):
+        manifest = replace(manifest, **{field: blob})
+    elif field == "boot":
+        manifest = replace(manifest, config=replace(manifest.config, boot_memory_bytes=value))
+    elif field == "max":
+        manifest = replace(manifest, config=replace(manifest.config, max_memory_bytes=value))
+    else:
+        key = {"dev_gpa": "gpa", "dev_size": "size_bytes", "block": "block_size_bytes"}[field]
+        devices[vmem] = replace(devices[vmem], **{key: value})
+        manifest = replace(manifest, devices=tuple(devices))
+    before = snapshot(dst)
+    try:
+        dst.admit_migration(manifest, T0, TIMEOUT)
+    except TagStoreError:
+        assert_unchanged(dst, before)
+    else:
+        assert_sound(dst)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    field=st.sampled_from(["first_gfn_offset", "span_pages", "present", "mapped", "tags"]),
+    value=U64,
+    blob=st.binary(max_size=64),
+)
+def test_a_mangled_chunk_with_a_valid_checksum_is_refused_cleanly(
+    field: str, value: int, blob: bytes
+) -> None:
+    """A chunk whose fields disagree (re-checksummed, so only the decoding can catch it) is
+    refused with the model's own error; the destination stays sound."""
+    src, dst = new_host(), new_host()
+    build_vm(src, "vm", True, TagPolicy.ON_FAULT)
+    dst.admit_migration(src.start_migration("vm", MIG, T0, TIMEOUT), T0, TIMEOUT)
+    chunk = src.read_migration_chunk("vm", MIG, T0)
+    assert chunk is not None
+    mangled = replace(chunk, **{field: blob if field in ("present", "mapped", "tags") else value})
+    mangled = replace(mangled, checksum=mangled.compute_checksum())
+    before = snapshot(dst)
+    try:
+        dst.write_migration_chunk("vm", MIG, mangled, T0)
+    except TagStoreError:
+        assert_unchanged(dst, before)
+    else:
+        assert_sound(dst)
