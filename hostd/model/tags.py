@@ -82,7 +82,16 @@ class TagContents:
         self._insert(dst[hit], rows)
 
     def _insert(self, pages: IndexArray, rows: npt.NDArray[np.uint8]) -> None:
-        all_pages = np.concatenate([self._pages, pages.astype(np.int64)])
+        pages = pages.astype(np.int64)
+        if (not self._pages.size or int(pages[0]) > int(self._pages[-1])) and bool(
+            (pages[1:] > pages[:-1]).all()
+        ):
+            # Appending in order (a VMM writing a guest's tags front to back, a migration
+            # commit): no sort and no gather of the whole store.
+            self._pages = np.concatenate([self._pages, pages])
+            self._tags = np.concatenate([self._tags, rows])
+            return
+        all_pages = np.concatenate([self._pages, pages])
         all_tags = np.concatenate([self._tags, rows])
         order = np.argsort(all_pages, kind="stable")
         self._pages = all_pages[order]
