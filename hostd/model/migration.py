@@ -859,7 +859,10 @@ class HostMigration:
             still = s2 != 0
             pages = s2[still] - 1
             is_tagged = self.mem.flags[pages] == TG_TAGGED
-            self.mem.tags.write(pages[is_tagged], rows[row_of[pick][still][is_tagged]])
+            used = row_of[pick][still][is_tagged]
+            # One round of tags and no page dropped (the usual case): every row, in order.
+            chosen = rows if used.size == rows.shape[0] else rows[used]
+            self.mem.tags.write_nonzero(pages[is_tagged], chosen)
         m.staged_offs, m.staged_nonzero, m.staged_rows = [], [], []
         report = MigrationReport(
             migration_id,
