@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -263,13 +264,24 @@ def migrate(
             )
 
     def send_round() -> None:
-        while (chunk := src.read_migration_chunk(vm_id, mid)) is not None:
-            dst.write_migration_chunk(vm_id, mid, chunk)
-            state["wire"] += _chunk_wire_bytes(chunk)
-            state["tags"] += len(chunk.tags)
-            state["chunks"] += 1
-            if state["chunks"] % 16 == 0:
-                report("precopy" if state.get("paused", 0) == 0 else "paused")
+        # The next chunk is read from the source while the destination applies this one: the
+        # two daemons work at the same time (chunks still apply in order, one at a time).
+        with ThreadPoolExecutor(1, thread_name_prefix="migrate-read") as reader:
+            pending = reader.submit(src.read_migration_chunk, vm_id, mid)
+            while (chunk := pending.result()) is not None:
+                pending = reader.submit(src.read_migration_chunk, vm_id, mid)
+                try:
+                    dst.write_migration_chunk(vm_id, mid, chunk)
+                except BaseException:
+                    # Let the read in flight finish before the caller aborts both sides.
+                    with contextlib.suppress(Exception):
+                        pending.result()
+                    raise
+                state["wire"] += _chunk_wire_bytes(chunk)
+                state["tags"] += len(chunk.tags)
+                state["chunks"] += 1
+                if state["chunks"] % 16 == 0:
+                    report("precopy" if state.get("paused", 0) == 0 else "paused")
 
     report("admitting")
     manifest = src.start_migration(vm_id, mid, timeout_s)
