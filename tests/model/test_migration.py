@@ -463,3 +463,54 @@ def test_a_mangled_chunk_with_a_valid_checksum_is_refused_cleanly(
         assert_unchanged(dst, before)
     else:
         assert_sound(dst)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["fault", "tag", "round"]),
+            st.integers(0, 63),  # MiB into boot RAM
+            st.integers(1, 4),  # MiB
+            st.integers(0, 15),  # tag value
+        ),
+        max_size=12,
+    ),
+    policy=st.sampled_from(list(TagPolicy)),
+)
+def test_whatever_the_guest_does_during_precopy_the_destination_ends_up_equal(
+    steps: list[tuple[str, int, int, int]], policy: TagPolicy
+) -> None:
+    """Faults and tag writes interleaved with chunks and rounds in any order: after the paused
+    round and commit, the destination's view equals the source's just before handover."""
+    src, dst = new_host(), new_host()
+    build_vm(src, "vm", True, policy)
+    dst.admit_migration(src.start_migration("vm", MIG, T0, TIMEOUT), T0, TIMEOUT)
+    for kind, start_mib, length_mib, tag in steps:
+        gpa = BOOT_RAM_GPA + start_mib * MiB
+        length = min(length_mib, 64 - start_mib) * MiB
+        if kind == "fault":
+            src.guest_fault("vm", gpa, length, Access.WRITE)
+        elif kind == "tag":
+            tags = bytes([tag]) * (length // 16)
+            src.copy_tags("vm", gpa, length, TagCopyDirection.TO_GUEST, tags)
+        else:
+            # Part of a round, then maybe the next one.
+            chunk = src.read_migration_chunk("vm", MIG, T0)
+            if chunk is None:
+                src.next_migration_round("vm", MIG, T0)
+            else:
+                dst.write_migration_chunk("vm", MIG, chunk, T0)
+    send_round(src, dst, "vm")
+    src.next_migration_round("vm", MIG, T0)
+    send_round(src, dst, "vm")
+    src.pause_migration("vm", MIG, T0)
+    src.next_migration_round("vm", MIG, T0)
+    send_round(src, dst, "vm")
+    expected = view(src, "vm")
+    src.handover_migration("vm", MIG, T0)
+    dst.commit_migration("vm", MIG)
+    src.complete_migration("vm", MIG)
+    assert expected == view(dst, "vm")
+    assert_sound(src)
+    assert_sound(dst)
