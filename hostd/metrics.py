@@ -244,6 +244,9 @@ _COLLECTOR_SPECS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("counter", "tagstore_migration_wire_bytes",
      "Bytes of tag chunks sent (OUTGOING) or received (INCOMING) by completed migrations.",
      ("role",)),
+    ("counter", "tagstore_migration_duration_seconds",
+     "Seconds from start (source) or admission (destination) to the end, summed by role and "
+     "outcome (divide by tagstore_migrations_total for the mean).", ("role", "outcome")),
     ("counter", "tagstore_migration_rounds",
      "Pre-copy rounds started after the first, over all outgoing migrations.", ()),
     ("gauge", "tagstore_invariant_violations",
@@ -320,6 +323,8 @@ def _families(snap: _Snapshot | None, inv: _InvariantResult | None) -> list[Metr
         _add_table(f[name], zeros, table)
     f["tagstore_fault_replays"].add_metric([], c.fault_replays)
     f["tagstore_migration_rounds"].add_metric([], c.migration_rounds)
+    for (role, outcome), seconds in sorted(c.migration_seconds.items()):
+        f["tagstore_migration_duration_seconds"].add_metric([role, outcome], seconds)
     in_progress = {(r.value, p.value): 0 for r in MigrationRole for p in MigrationPhase}
     for key in snap.migrations:
         in_progress[key] = in_progress.get(key, 0) + 1

@@ -20,7 +20,7 @@ def sample(m: TagStoreMetrics, name: str, **labels: str) -> float:
 
 def test_migration_counters_and_phases_are_exported() -> None:
     """A migration in progress shows in tagstore_migrations_in_progress; a completed one in
-    tagstore_migrations_total by role and outcome, with its bytes and rounds."""
+    tagstore_migrations_total by role and outcome, with its bytes, rounds and duration."""
     src, dst = Host(default_topology(2 * GiB)), Host(default_topology(2 * GiB))
     src.create_vm(VmConfig("vm", True, TagPolicy.ON_FAULT, boot_memory_bytes=64 * MiB))
     src.guest_fault("vm", BOOT_RAM_GPA, 8 * MiB, Access.WRITE)
@@ -36,8 +36,8 @@ def test_migration_counters_and_phases_are_exported() -> None:
         src.pause_migration("vm", "m", 0.0)
         src.next_migration_round("vm", "m", 0.0)
         src.handover_migration("vm", "m", 0.0)
-        dst.commit_migration("vm", "m")
-        src.complete_migration("vm", "m")
+        dst.commit_migration("vm", "m", 4.0)
+        src.complete_migration("vm", "m", 5.0)
         assert 0 == sample(m_src, in_progress, role="OUTGOING", phase="PRECOPY")
         ended = "tagstore_migrations_total"
         assert 1 == sample(m_src, ended, role="OUTGOING", outcome="completed")
@@ -46,6 +46,9 @@ def test_migration_counters_and_phases_are_exported() -> None:
         sent = sample(m_src, "tagstore_migration_wire_bytes_total", role="OUTGOING")
         assert sent == sample(m_dst, "tagstore_migration_wire_bytes_total", role="INCOMING") > 0
         assert 1 == sample(m_src, "tagstore_migration_rounds_total")
+        duration = "tagstore_migration_duration_seconds_total"
+        assert 5.0 == sample(m_src, duration, role="OUTGOING", outcome="completed")
+        assert 4.0 == sample(m_dst, duration, role="INCOMING", outcome="completed")
         assert 0 == sample(m_src, "tagstore_page_migrations_total", reason="compaction")
     finally:
         m_src.close()

@@ -410,21 +410,23 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
     def CommitMigration(
         self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
     ) -> pb.MigrationReport:
-        report = self._call(Host.commit_migration, request.vm_id, request.migration_id)
+        report = self._call(Host.commit_migration, request.vm_id, request.migration_id, time.time())
         return convert.migration_report_to_proto(report)
 
     @_rpc(logging.INFO)
     def CompleteMigration(
         self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
     ) -> pb.MigrationReport:
-        report = self._call(Host.complete_migration, request.vm_id, request.migration_id)
+        report = self._call(
+            Host.complete_migration, request.vm_id, request.migration_id, time.time()
+        )
         return convert.migration_report_to_proto(report)
 
     @_rpc(logging.INFO)
     def AbortMigration(
         self, request: pb.MigrationStepRequest, context: grpc.ServicerContext
     ) -> pb.MigrationStatus:
-        status = self._call(Host.abort_migration, request.vm_id, request.migration_id)
+        status = self._call(Host.abort_migration, request.vm_id, request.migration_id, time.time())
         return convert.migration_status_to_proto(status)
 
     @_rpc(logging.DEBUG)

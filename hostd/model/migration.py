@@ -229,6 +229,7 @@ class MigrationState:
     phase: MigrationPhase
     deadline: float
     timeout_seconds: float
+    started_at: float = 0.0
     round: int = 1
     chunks: int = 0
     wire_bytes: int = 0
@@ -389,10 +390,17 @@ class HostMigration:
             )
         )
 
-    def _end_migration(self, m: MigrationState, outcome: MigrationOutcome) -> None:
+    def _end_migration(
+        self, m: MigrationState, outcome: MigrationOutcome, now: float | None
+    ) -> None:
         del self.migrations[m.vm_id]
         c = self.counters
-        c.add(c.migrations, (m.role.value, outcome.value))
+        key = (m.role.value, outcome.value)
+        c.add(c.migrations, key)
+        if now is not None:
+            c.migration_seconds[key] = c.migration_seconds.get(key, 0.0) + max(
+                0.0, now - m.started_at
+            )
         self._phase_event(m, outcome.value.upper())
 
     def get_migration(self, vm_id: str) -> MigrationStatus:
@@ -444,6 +452,7 @@ class HostMigration:
             MigrationPhase.PRECOPY,
             now + timeout_seconds,
             timeout_seconds,
+            started_at=now,
             dirty=np.zeros(vm.stage2.size, dtype=bool),
             round_offs=offs,
         )
@@ -572,8 +581,11 @@ class HostMigration:
         self._phase_event(m, m.phase.value)
         return m.status()
 
-    def complete_migration(self, vm_id: str, migration_id: str) -> MigrationReport:
-        """The destination committed: release every page, tag and tag block of the VM."""
+    def complete_migration(
+        self, vm_id: str, migration_id: str, now: float | None = None
+    ) -> MigrationReport:
+        """The destination committed: release every page, tag and tag block of the VM.
+        ``now`` (if given) ends the migration's duration."""
         m = self._migration(vm_id, migration_id)
         self._require_phase(m, MigrationPhase.HANDOVER)
         vm = self._vm(vm_id)
@@ -587,7 +599,7 @@ class HostMigration:
             vm.tagged_pages * self.page_size,
         )
         self.counters.add(self.counters.migration_bytes, MigrationRole.OUTGOING.value, m.wire_bytes)
-        self._end_migration(m, MigrationOutcome.COMPLETED)
+        self._end_migration(m, MigrationOutcome.COMPLETED, now)
         self.destroy_vm(vm_id)
         return report
 
@@ -657,6 +669,7 @@ class HostMigration:
             MigrationPhase.INCOMING,
             now + lease_seconds,
             lease_seconds,
+            started_at=now,
         )
         self.migrations[cfg.vm_id] = m
         self._phase_event(m, m.phase.value)
@@ -834,7 +847,9 @@ class HostMigration:
                 raise InvalidArgumentError("mapped", "bitmap", "marks pages that are not plugged")
         return offs, want_mapped, want_tagged, nonzero, unpack_tags(chunk.tags, nr_nonzero, tpp)
 
-    def commit_migration(self, vm_id: str, migration_id: str) -> MigrationReport:
+    def commit_migration(
+        self, vm_id: str, migration_id: str, now: float | None = None
+    ) -> MigrationReport:
         """The destination owns the VM from now on: staged tags are written (their storage was
         reserved when the pages were mapped) and the VM runs here."""
         m = self._migration(vm_id, migration_id)
@@ -874,21 +889,23 @@ class HostMigration:
             vm.tagged_pages * self.page_size,
         )
         self.counters.add(self.counters.migration_bytes, MigrationRole.INCOMING.value, m.wire_bytes)
-        self._end_migration(m, MigrationOutcome.COMPLETED)
+        self._end_migration(m, MigrationOutcome.COMPLETED, now)
         return report
 
     # ------------------------------------------------------------- either side
 
-    def abort_migration(self, vm_id: str, migration_id: str) -> MigrationStatus:
+    def abort_migration(
+        self, vm_id: str, migration_id: str, now: float | None = None
+    ) -> MigrationStatus:
         """Undo a migration on this host: the source resumes the VM as it is (it never stopped
         owning it), the destination drops the incoming VM and everything reserved for it."""
         m = self._migration(vm_id, migration_id)
         status = m.status()
-        self._abort(m, MigrationOutcome.ABORTED)
+        self._abort(m, MigrationOutcome.ABORTED, now)
         return status
 
-    def _abort(self, m: MigrationState, outcome: MigrationOutcome) -> None:
-        self._end_migration(m, outcome)
+    def _abort(self, m: MigrationState, outcome: MigrationOutcome, now: float | None) -> None:
+        self._end_migration(m, outcome, now)
         if m.role is MigrationRole.INCOMING:
             self.destroy_vm(m.vm_id)
 
@@ -900,7 +917,7 @@ class HostMigration:
         for m in list(self.migrations.values()):
             if m.deadline < now and m.phase is not MigrationPhase.HANDOVER:
                 ended.append(m.status())
-                self._abort(m, MigrationOutcome.EXPIRED)
+                self._abort(m, MigrationOutcome.EXPIRED, now)
         return ended
 
     def next_migration_deadline(self) -> float | None:
@@ -941,6 +958,7 @@ class HostMigration:
                 "phase": m.phase.value,
                 "deadline": m.deadline,
                 "timeout_seconds": m.timeout_seconds,
+                "started_at": m.started_at,
                 "round": m.round,
                 "chunks": m.chunks,
                 "wire_bytes": m.wire_bytes,
@@ -969,6 +987,7 @@ class HostMigration:
                 MigrationPhase(d["phase"]),
                 float(d["deadline"]),
                 float(d["timeout_seconds"]),
+                started_at=float(d.get("started_at", 0.0)),
                 round=d["round"],
                 chunks=d["chunks"],
                 wire_bytes=d["wire_bytes"],

@@ -332,6 +332,7 @@ class HostCounters:
     migrations: dict[tuple[str, str], int] = field(default_factory=dict)  # (role, outcome)
     migration_bytes: dict[str, int] = field(default_factory=dict)  # role: bytes on the wire
     migration_rounds: int = 0  # pre-copy rounds started after the first
+    migration_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # as migrations
 
     def to_doc(self) -> dict[str, object]:
         """A JSON-serialisable form (tuple keys become lists)."""
