@@ -373,3 +373,22 @@ def test_cut_connection_leaves_the_vm_running_on_the_source_only(
     wait_for(lambda: gone(dst, vm_id) and not_migrating(dst, vm_id))
     assert_clean(src, dst)
     src.vm(vm_id).destroy()
+
+
+def test_cli_shows_and_aborts_a_migration_by_hand(
+    pair: tuple[HostClient, HostClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``vmm-shim migration show`` names the phase; ``migration abort`` resumes the VM; a
+    migration that does not exist is NOT_FOUND (exit 1)."""
+    src, _ = pair
+    build_vm(src, "by-hand", mte=True, policy="ON_FAULT")
+    src.start_migration("by-hand", "hand-1", 30)
+    src.pause_migration("by-hand", "hand-1")
+    assert 0 == main(["--host", src.address, "migration", "show", "by-hand"])
+    assert "phase PAUSED" in capsys.readouterr().out
+    assert 0 == main(["--host", src.address, "migration", "abort", "by-hand", "hand-1", "--json"])
+    assert "PAUSED" == json.loads(capsys.readouterr().out)["phase"]
+    assert 1 == main(["--host", src.address, "migration", "show", "by-hand"])
+    assert "MIGRATION_NOT_FOUND" in capsys.readouterr().err
+    src.vm("by-hand").fault(BOOT_RAM_GPA + 32 * MiB, MiB)
+    src.vm("by-hand").destroy()

@@ -1,5 +1,5 @@
-"""``vmm-shim migrate``, ``vmm-shim compact`` and ``vmm-shim evacuate``: live migration between
-two hostd daemons and host page migration, through :mod:`vmm_shim.client` only.
+"""``vmm-shim migrate``, ``migration show|abort|complete``, ``compact`` and ``evacuate``: live
+migration between two hostd daemons and host page migration, through :mod:`vmm_shim.client`.
 
 ``vmm-shim --host SRC migrate VM --to DST`` drives the whole protocol (see
 :func:`vmm_shim.migration_client.migrate`) and, on a terminal, keeps one progress line on
@@ -38,7 +38,8 @@ DEST_TOKEN_ENV = "TAGSTORE_DEST_TOKEN"
 
 
 def add_cli(subparsers: Any) -> None:
-    """Register ``migrate``, ``compact`` and ``evacuate`` (called by ``vmm_shim.cli``)."""
+    """Register ``migrate``, ``migration``, ``compact`` and ``evacuate`` (called by
+    ``vmm_shim.cli``)."""
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
@@ -71,6 +72,23 @@ def add_cli(subparsers: Any) -> None:
         "--max-rounds", type=_rounds, default=MAX_ROUNDS, help=f"pre-copy rounds ({MAX_ROUNDS})"
     )
     p.set_defaults(func=_migrate_main)
+
+    # Resolving a migration by hand (e.g. a source left in HANDOVER when the destination could
+    # not be asked whether it committed): show, then complete or abort.
+    mig = subparsers.add_parser(
+        "migration", help="show, abort or complete one migration step by hand"
+    ).add_subparsers(dest="migration_command", metavar="ACTION", required=True)
+    show = mig.add_parser("show", parents=[json_flag], help="the migration of a VM on --host")
+    show.add_argument("vm_id", metavar="ID")
+    show.set_defaults(func=_migration_step_main, step="show")
+    for step, help_text in (
+        ("abort", "undo the migration on --host (the source resumes the VM)"),
+        ("complete", "source: the destination committed; release the VM here"),
+    ):
+        sub = mig.add_parser(step, parents=[json_flag], help=help_text)
+        sub.add_argument("vm_id", metavar="ID")
+        sub.add_argument("migration_id", metavar="MIGRATION_ID")
+        sub.set_defaults(func=_migration_step_main, step=step)
 
     c = subparsers.add_parser(
         "compact",
@@ -235,4 +253,28 @@ def _evacuate_main(args: argparse.Namespace) -> int:
         if not r.complete:
             text += f", {r.pages_left} left ({r.stopped_reason})"
         _out(text)
+    return EXIT_OK
+
+
+def _migration_step_main(args: argparse.Namespace) -> int:
+    try:
+        with _client(args.host, args.timeout, getattr(args, "token", None)) as host:
+            if args.step == "show":
+                result: Any = host.get_migration(args.vm_id)
+            elif args.step == "abort":
+                result = host.abort_migration(args.vm_id, args.migration_id)
+            else:
+                result = host.complete_migration(args.vm_id, args.migration_id)
+    except TagStoreClientError as e:
+        return _error(args, e.code, e.reason, e.message)
+    if getattr(args, "json", False):
+        _out(json.dumps(dataclasses.asdict(result), indent=2))
+    elif args.step == "show":
+        _out(
+            f"{result.vm_id}: {result.role} migration {result.migration_id}, phase "
+            f"{result.phase}, round {result.round}, {result.chunks} chunk(s), "
+            f"{format_size(result.wire_bytes)} on the wire"
+        )
+    else:
+        _out(f"{args.step}: {result.vm_id} ({args.migration_id})")
     return EXIT_OK
