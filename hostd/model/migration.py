@@ -77,10 +77,11 @@ if TYPE_CHECKING:
 IndexArray = npt.NDArray[np.int64]
 
 # One chunk describes at most this many guest pages, and carries at most this many bytes of
-# packed tags (whichever comes first): bounded like s390x's 128 KiB storage-key chunks, and well
-# under gRPC's default 4 MiB message limit.
-CHUNK_MAX_PAGES = 1 << 16
-CHUNK_MAX_TAG_BYTES = 1 << 20
+# packed tags (whichever comes first): bounded like s390x's storage-key chunks, and with its
+# bitmaps (at most 4 x 32 KiB, plus 256 KiB for a sparse window) under gRPC's default 4 MiB
+# message limit. Fewer, larger chunks mean fewer round trips for the same bytes.
+CHUNK_MAX_PAGES = 1 << 18
+CHUNK_MAX_TAG_BYTES = 2 << 20
 MAX_DEADLINE_SECONDS = 24 * 3600.0
 # Guest memory a manifest may describe (the model's own limit on a VM, 4 TiB).
 MAX_MANIFEST_GUEST_BYTES = 4 << 40

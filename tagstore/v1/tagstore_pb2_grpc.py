@@ -335,7 +335,7 @@ class TagStorageServicer:
 
     def ReadMigrationChunk(self, request, context):
         """Source: the next chunk of the current round (round_done when the round is fully sent).
-        A chunk describes at most 65536 pages and 1 MiB of packed tags.
+        A chunk describes at most 262144 pages and 2 MiB of packed tags (under 2.5 MiB in all).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
