@@ -45,6 +45,7 @@ from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from hostd.api.auth import ADMIN_TOKEN_FILE, VM_TOKENS_FILE, CredentialError, Credentials
+from hostd.api.expiry import MigrationExpiry
 from hostd.api.limits import (
     DEFAULT_EVENT_QUEUE_SIZE,
     DEFAULT_MAX_DEVICES_PER_VM,
@@ -135,6 +136,7 @@ class Daemon:
     metrics_server: MetricsHttpServer | None
     loop_thread: _EventLoopThread
     admin_token_path: Path
+    expiry: MigrationExpiry | None = None
 
     def start(self) -> None:
         """Start serving and report SERVING on the health service."""
@@ -144,6 +146,9 @@ class Daemon:
         gc.collect()
         gc.freeze()
         self.loop_thread.run(self._start())
+        # Leases and source deadlines end by themselves, also right after a restart.
+        self.expiry = MigrationExpiry(self.servicer)
+        self.expiry.start()
         logger.info(
             kv(
                 "serving",
@@ -161,6 +166,8 @@ class Daemon:
 
     def stop(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
         """NOT_SERVING, end event streams, drain in-flight calls, then save and release state."""
+        if self.expiry is not None:
+            self.expiry.stop()
         self.loop_thread.run(self._stop(grace_seconds))
         self.servicer.shutdown()
         self.loop_thread.close()

@@ -47,6 +47,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from hostd.model.migration import MigrationOutcome, MigrationPhase, MigrationRole
 from hostd.model.types import (
     DCACHE_INVALIDATE,
     LATENCY_BUCKETS_SECONDS,
@@ -148,6 +149,8 @@ class _Snapshot:
     status: HostStatus
     counters: HostCounters
     vms: tuple[VmStatus, ...]
+    # (role, phase) of each migration in progress.
+    migrations: tuple[tuple[str, str], ...] = ()
 
 
 class _HostCollector(Collector):
@@ -171,6 +174,9 @@ class _HostCollector(Collector):
                 status=self._host.status(),
                 counters=copy.deepcopy(self._host.counters),
                 vms=tuple(self._host.list_vms()),
+                migrations=tuple(
+                    (m.role.value, m.phase.value) for m in self._host.migrations.values()
+                ),
             )
 
     def describe(self) -> Iterable[Metric]:
@@ -234,6 +240,18 @@ _COLLECTOR_SPECS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("counter", "tagstore_tag_copy_bytes",
      "Tag bytes copied by KVM_ARM_MTE_COPY_TAGS (one tag per byte), by direction.",
      ("direction",)),
+    ("gauge", "tagstore_migrations_in_progress",
+     "Live migrations in progress on this host, by role and phase.", ("role", "phase")),
+    ("counter", "tagstore_migrations",
+     "Live migrations ended on this host, by role and outcome.", ("role", "outcome")),
+    ("counter", "tagstore_migration_wire_bytes",
+     "Bytes of tag chunks sent (OUTGOING) or received (INCOMING) by completed migrations.",
+     ("role",)),
+    ("counter", "tagstore_migration_duration_seconds",
+     "Seconds from start (source) or admission (destination) to the end, summed by role and "
+     "outcome (divide by tagstore_migrations_total for the mean).", ("role", "outcome")),
+    ("counter", "tagstore_migration_rounds",
+     "Pre-copy rounds started after the first, over all outgoing migrations.", ()),
     ("gauge", "tagstore_invariant_violations",
      "Model invariants violated at the last check (0 when the model is sound).", ()),
     ("gauge", "tagstore_invariant_check_timestamp_seconds",
@@ -300,10 +318,21 @@ def _families(snap: _Snapshot | None, inv: _InvariantResult | None) -> list[Metr
         ("tagstore_cache_maintenance_bytes", {DCACHE_INVALIDATE: 0, TAG_CACHE_INVALIDATE: 0},
          c.cache_maintenance_bytes),
         ("tagstore_tag_copy_bytes", {d.value: 0 for d in TagCopyDirection}, c.tags_copied_bytes),
+        ("tagstore_migrations",
+         {(r.value, o.value): 0 for r in MigrationRole for o in MigrationOutcome}, c.migrations),
+        ("tagstore_migration_wire_bytes", {r.value: 0 for r in MigrationRole}, c.migration_bytes),
     ]  # fmt: skip
     for name, zeros, table in tables:
         _add_table(f[name], zeros, table)
     f["tagstore_fault_replays"].add_metric([], c.fault_replays)
+    f["tagstore_migration_rounds"].add_metric([], c.migration_rounds)
+    for (role, outcome), seconds in sorted(c.migration_seconds.items()):
+        f["tagstore_migration_duration_seconds"].add_metric([role, outcome], seconds)
+    in_progress = {(r.value, p.value): 0 for r in MigrationRole for p in MigrationPhase}
+    for key in snap.migrations:
+        in_progress[key] = in_progress.get(key, 0) + 1
+    for (role, phase), n in sorted(in_progress.items()):
+        f["tagstore_migrations_in_progress"].add_metric([role, phase], n)
     faults = HistogramMetricFamily(
         "tagstore_guest_fault_duration_seconds",
         "Time the host took to handle a guest fault, by access.",

@@ -39,9 +39,11 @@ import numpy as np
 from hostd.logs import kv
 from hostd.model import Host, HostState, topology_to_doc
 from hostd.model.errors import TagStoreError
+from hostd.model.migration import DeviceManifest, MigrationManifest, TagChunk
 from hostd.model.topology import HostTopology
 from hostd.model.types import (
     Access,
+    MemoryDeviceKind,
     Placement,
     TagCopyDirection,
     TagPolicy,
@@ -69,14 +71,33 @@ JOURNALED_METHODS = frozenset(
         "resize_virtio_mem",
         "virtio_mem_request",
         "copy_tags",
+        # Live migration (hostd.model.migration): every step changes the migration's state.
+        "start_migration",
+        "read_migration_chunk",
+        "next_migration_round",
+        "pause_migration",
+        "handover_migration",
+        "complete_migration",
+        "admit_migration",
+        "write_migration_chunk",
+        "commit_migration",
+        "abort_migration",
+        "expire_migrations",
+        # Host page migration (hostd.model.compaction).
+        "compact_tag_region",
+        "evacuate_host_range",
     }
 )
 
 # The value types that journaled calls take as arguments, by the name used in the journal.
 _ENUMS: dict[str, type[enum.Enum]] = {
-    cls.__name__: cls for cls in (TagPolicy, Access, TagCopyDirection, VirtioMemRequestType)
+    cls.__name__: cls
+    for cls in (TagPolicy, Access, TagCopyDirection, VirtioMemRequestType, MemoryDeviceKind)
 }
-_DATACLASSES: dict[str, type[Any]] = {cls.__name__: cls for cls in (VmConfig, VirtioMemConfig)}
+_DATACLASSES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (VmConfig, VirtioMemConfig, MigrationManifest, DeviceManifest, TagChunk)
+}
 
 
 class StateError(Exception):
@@ -88,10 +109,12 @@ class StateError(Exception):
 
 def encode_value(value: object) -> Any:
     """A JSON value for a call argument (see :func:`decode_value`)."""
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes):
         return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, tuple):
+        return {"$tuple": [encode_value(v) for v in value]}
     if isinstance(value, enum.Enum) and type(value).__name__ in _ENUMS:
         return {"$enum": type(value).__name__, "name": value.name}
     if dataclasses.is_dataclass(value) and type(value).__name__ in _DATACLASSES:
@@ -106,6 +129,8 @@ def decode_value(value: Any) -> object:
         return value
     if "$bytes" in value:
         return base64.b64decode(value["$bytes"])
+    if "$tuple" in value:
+        return tuple(decode_value(v) for v in value["$tuple"])
     if "$enum" in value:
         return _ENUMS[value["$enum"]][value["name"]]
     if "$dataclass" in value:

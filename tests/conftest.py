@@ -163,11 +163,13 @@ def admin_token_file(short_tmp: Path) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _attach_admin_token(short_tmp: Path, admin_token_file: Path) -> Iterator[None]:
     """Daemons that code under test starts itself (the simulator's) find the session's admin
-    token through ``RUNTIME_DIRECTORY``; ``TAGSTORE_TOKEN`` is set for clients that read it.
+    token through ``RUNTIME_DIRECTORY``; ``TAGSTORE_TOKEN`` and ``TAGSTORE_DEST_TOKEN`` are set for
+    clients that read them.
     Clients must send tokens themselves: nothing here adds them behind the code's back."""
     patch = pytest.MonkeyPatch()
     patch.setenv("RUNTIME_DIRECTORY", str(short_tmp))
     patch.setenv("TAGSTORE_TOKEN", ADMIN_TOKEN)
+    patch.setenv("TAGSTORE_DEST_TOKEN", ADMIN_TOKEN)
     yield
     patch.undo()
 

@@ -465,7 +465,14 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (``PROG: error: ...``), not the usage
     text plus the error: one line is what a script or a person reads first. Subcommands
-    (including those other modules register) are built with this class too."""
+    (including those other modules register) are built with this class too.
+
+    Abbreviated options are off: with them a subcommand's ``--to`` would be taken for the
+    global ``--token`` (argparse matches prefixes across the whole command line)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         # argparse quotes whole values ("invalid int value: '999...'"): cut long ones.
@@ -656,7 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("vm_id", metavar="ID")
         sub.add_argument("device_id", metavar="DEV")
 
-    for module_name in ("vmm_shim.simulate", "vmm_shim.report", "vmm_shim.qemu"):
+    for module_name in (
+        "vmm_shim.simulate",
+        "vmm_shim.report",
+        "vmm_shim.qemu",
+        "vmm_shim.migrate",
+    ):
         _add_optional_cli(commands, module_name)
     return parser
 

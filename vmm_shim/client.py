@@ -59,6 +59,7 @@ from grpc_status import rpc_status
 
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
+from vmm_shim.migration_client import MigrationCalls
 
 __all__ = [
     "ACCESSES",
@@ -685,8 +686,11 @@ class EventStream:
         self.cancel()
 
 
-class HostClient:
+class HostClient(MigrationCalls):
     """A connection to one hostd (``host:port`` or ``unix:/path``); a context manager.
+
+    Live migration and host page migration calls come from
+    :class:`vmm_shim.migration_client.MigrationCalls`; ``migrate()`` runs a whole migration.
 
     ``token`` is sent as ``authorization: Bearer <token>`` on every call (None: no credential).
     ``timeout_s`` bounds each call, retries included; ``attempt_timeout_s`` (default: half of

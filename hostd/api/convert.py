@@ -8,14 +8,23 @@ mapping (:mod:`hostd.api.errors`) covers them too.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from hostd.model.compaction import CompactionResult, EvacuationResult
 from hostd.model.errors import InvalidArgumentError
 from hostd.model.events import Event
+from hostd.model.migration import (
+    DeviceManifest,
+    MigrationManifest,
+    MigrationReport,
+    MigrationStatus,
+    TagChunk,
+)
 from hostd.model.types import (
     Access,
     FaultResult,
@@ -326,3 +335,141 @@ def export_to_proto(export: HostExport, page_size_bytes: int) -> list[pb.ExportS
     ]
     messages += [pb.ExportStateResponse(mapping_runs=pb.MappingRuns(runs=c)) for c in _chunks(runs)]
     return messages
+
+
+# -- migration (hostd.model.migration, hostd.model.compaction) ---------------------------------
+
+
+def vm_config_to_proto(config: VmConfig) -> pb.CreateVmRequest:
+    """A ``VmConfig`` as the ``CreateVmRequest`` that would create it."""
+    return pb.CreateVmRequest(
+        vm_id=config.vm_id,
+        mte_enabled=config.mte_enabled,
+        tag_policy=_to_proto_enum("TAG_POLICY_", config.tag_policy),
+        boot_memory_bytes=config.boot_memory_bytes,
+        dimm_slots=config.dimm_slots,
+        max_memory_bytes=config.max_memory_bytes,
+    )
+
+
+def manifest_to_proto(manifest: MigrationManifest) -> pb.MigrationManifest:
+    """A migration manifest on the wire."""
+    return pb.MigrationManifest(
+        migration_id=manifest.migration_id,
+        config=vm_config_to_proto(manifest.config),
+        page_size_bytes=manifest.page_size_bytes,
+        devices=[
+            pb.DeviceManifest(
+                device_id=d.device_id,
+                kind=_to_proto_enum("MEMORY_DEVICE_KIND_", d.kind),
+                gpa=d.gpa,
+                size_bytes=d.size_bytes,
+                block_size=d.block_size_bytes,
+                requested_size=d.requested_size_bytes,
+                usable_region_size=d.usable_region_size_bytes,
+                plugged_bitmap=d.plugged,
+            )
+            for d in manifest.devices
+        ],
+        mapped_bitmap=manifest.mapped,
+        tagged_bitmap=manifest.tagged,
+        mapped_bytes=manifest.mapped_bytes,
+        tagged_bytes=manifest.tagged_bytes,
+        plugged_bytes=manifest.plugged_bytes,
+    )
+
+
+def manifest_from_proto(manifest: pb.MigrationManifest) -> MigrationManifest:
+    """The model's manifest (contents are checked by the destination's model)."""
+    return MigrationManifest(
+        migration_id=manifest.migration_id,
+        config=vm_config_from_proto(manifest.config),
+        page_size_bytes=manifest.page_size_bytes,
+        devices=tuple(
+            DeviceManifest(
+                device_id=d.device_id,
+                kind=_from_proto_enum(
+                    "devices.kind", d.kind, pb.MemoryDeviceKind, "MEMORY_DEVICE_KIND_",
+                    MemoryDeviceKind,
+                ),
+                gpa=d.gpa,
+                size_bytes=d.size_bytes,
+                block_size_bytes=d.block_size,
+                requested_size_bytes=d.requested_size,
+                usable_region_size_bytes=d.usable_region_size,
+                plugged=d.plugged_bitmap,
+            )
+            for d in manifest.devices
+        ),
+        mapped=manifest.mapped_bitmap,
+        tagged=manifest.tagged_bitmap,
+        mapped_bytes=manifest.mapped_bytes,
+        tagged_bytes=manifest.tagged_bytes,
+        plugged_bytes=manifest.plugged_bytes,
+    )  # fmt: skip
+
+
+def tag_chunk_to_proto(chunk: TagChunk) -> pb.TagChunk:
+    """A tag chunk on the wire (field for field)."""
+    return pb.TagChunk(**{f.name: getattr(chunk, f.name) for f in dataclasses.fields(chunk)})
+
+
+def tag_chunk_from_proto(chunk: pb.TagChunk) -> TagChunk:
+    """The model's tag chunk (verified against its checksum by the destination's model)."""
+    return TagChunk(**{f.name: getattr(chunk, f.name) for f in dataclasses.fields(TagChunk)})
+
+
+def migration_status_to_proto(status: MigrationStatus) -> pb.MigrationStatus:
+    """A migration's status on the wire."""
+    return pb.MigrationStatus(
+        migration_id=status.migration_id,
+        vm_id=status.vm_id,
+        role=_to_proto_enum("MIGRATION_ROLE_", status.role),
+        phase=_to_proto_enum("MIGRATION_PHASE_", status.phase),
+        round=status.round,
+        round_pages_left=status.round_pages_left,
+        dirty_pages=status.dirty_pages,
+        chunks=status.chunks,
+        wire_bytes=status.wire_bytes,
+        tag_bytes=status.tag_bytes,
+        deadline_unix_seconds=status.deadline,
+    )
+
+
+def migration_report_to_proto(report: MigrationReport) -> pb.MigrationReport:
+    """What a completed or committed migration moved."""
+    return pb.MigrationReport(
+        migration_id=report.migration_id,
+        vm_id=report.vm_id,
+        rounds=report.rounds,
+        wire_bytes=report.wire_bytes,
+        tag_bytes=report.tag_bytes,
+        mapped_bytes=report.mapped_bytes,
+        tagged_bytes=report.tagged_bytes,
+    )
+
+
+def compaction_to_proto(result: CompactionResult) -> pb.CompactTagRegionResponse:
+    """What a compaction did."""
+    return pb.CompactTagRegionResponse(
+        region=result.region,
+        evacuated_pages=result.evacuated_pages,
+        lent_pages_left=result.lent_pages_left,
+        compacted_pages=result.compacted_pages,
+        tag_blocks_freed=result.tag_blocks_freed,
+        tag_blocks_reserved=result.tag_blocks_reserved,
+        tag_blocks_min_needed=result.tag_blocks_min_needed,
+        complete=result.complete,
+    )
+
+
+def evacuation_to_proto(result: EvacuationResult) -> pb.EvacuateHostRangeResponse:
+    """What moving guest pages off a host range did."""
+    return pb.EvacuateHostRangeResponse(
+        pfn_start=result.pfn_start,
+        nr_pages=result.nr_pages,
+        moved_pages=result.moved_pages,
+        pages_left=result.pages_left,
+        stopped_reason=result.stopped_reason,
+        complete=result.complete,
+    )

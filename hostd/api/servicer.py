@@ -73,7 +73,18 @@ MODEL_THREAD = "hostd-model"
 
 # Calls that only the admin token may make; every other model method takes a vm_id first.
 HOST_SCOPED: frozenset[Callable[..., Any]] = frozenset(
-    {Host.status, Host.list_vms, Host.create_vm, Host.check_invariants, Host.export_state}
+    {
+        Host.status,
+        Host.list_vms,
+        Host.create_vm,
+        Host.check_invariants,
+        Host.export_state,
+        # Admission creates a VM from another host's manifest; compaction and evacuation move
+        # every VM's pages.
+        Host.admit_migration,
+        Host.compact_tag_region,
+        Host.evacuate_host_range,
+    }
 )
 # Expensive host-scoped calls: run on the model thread, one at a time.
 EXPENSIVE: frozenset[Callable[..., Any]] = frozenset({Host.check_invariants, Host.export_state})
@@ -304,7 +315,7 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         vm_id = str(args[0])
         check_id("vm_id", vm_id)
         if len(args) > 1 and isinstance(args[1], str):
-            check_id("device_id", args[1])
+            check_id("migration_id" if "migration" in what else "device_id", args[1])
         self._credentials.require_vm(principal, vm_id, what)
 
     # -- the one way to the model -------------------------------------------------------------
@@ -361,7 +372,7 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         return result
 
     def _check_limits(self, method: Callable[..., Any], args: tuple[object, ...]) -> None:
-        if method is Host.create_vm:
+        if method is Host.create_vm or method is Host.admit_migration:
             self._limits.check_new_vm(len(self.host.vms))
         elif method is Host.add_dimm or method is Host.add_virtio_mem:
             vm = self.host.vms.get(str(args[0]))
@@ -608,6 +619,150 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         finally:
             self._watchers.discard(ready)
             await asyncio.shield(self._with_lock(lambda: self.host.unsubscribe(queue.put)))
+
+    # -- live migration: each step is one model call; the wall clock is read here, because
+    # the model keeps no clock of its own (deadlines are passed in).
+
+    @_rpc(logging.INFO)
+    async def StartMigration(
+        self, request: pb.StartMigrationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationManifest:
+        manifest = await self._call(
+            context,
+            Host.start_migration,
+            request.vm_id,
+            request.migration_id,
+            time.time(),
+            request.timeout_seconds,
+        )
+        return convert.manifest_to_proto(manifest)
+
+    @_rpc(logging.INFO)
+    async def AdmitMigration(
+        self, request: pb.AdmitMigrationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationStatus:
+        manifest = convert.manifest_from_proto(request.manifest)
+        status = await self._call(
+            context, Host.admit_migration, manifest, time.time(), request.lease_seconds
+        )
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.DEBUG)
+    async def ReadMigrationChunk(
+        self, request: pb.ReadMigrationChunkRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReadMigrationChunkResponse:
+        chunk = await self._call(
+            context, Host.read_migration_chunk, request.vm_id, request.migration_id, time.time()
+        )
+        if chunk is None:
+            return pb.ReadMigrationChunkResponse(round_done=True)
+        return pb.ReadMigrationChunkResponse(chunk=convert.tag_chunk_to_proto(chunk))
+
+    @_rpc(logging.DEBUG)
+    async def WriteMigrationChunk(
+        self, request: pb.WriteMigrationChunkRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationStatus:
+        chunk = convert.tag_chunk_from_proto(request.chunk)
+        status = await self._call(
+            context,
+            Host.write_migration_chunk,
+            request.vm_id,
+            request.migration_id,
+            chunk,
+            time.time(),
+        )
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.INFO)
+    async def NextMigrationRound(
+        self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.NextMigrationRoundResponse:
+        pages = await self._call(
+            context, Host.next_migration_round, request.vm_id, request.migration_id, time.time()
+        )
+        return pb.NextMigrationRoundResponse(round_pages=pages)
+
+    @_rpc(logging.INFO)
+    async def PauseMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationStatus:
+        status = await self._call(
+            context, Host.pause_migration, request.vm_id, request.migration_id, time.time()
+        )
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.INFO)
+    async def HandoverMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationStatus:
+        status = await self._call(
+            context, Host.handover_migration, request.vm_id, request.migration_id, time.time()
+        )
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.INFO)
+    async def CommitMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationReport:
+        report = await self._call(
+            context, Host.commit_migration, request.vm_id, request.migration_id, time.time()
+        )
+        return convert.migration_report_to_proto(report)
+
+    @_rpc(logging.INFO)
+    async def CompleteMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationReport:
+        report = await self._call(
+            context, Host.complete_migration, request.vm_id, request.migration_id, time.time()
+        )
+        return convert.migration_report_to_proto(report)
+
+    @_rpc(logging.INFO)
+    async def AbortMigration(
+        self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationStatus:
+        status = await self._call(
+            context, Host.abort_migration, request.vm_id, request.migration_id, time.time()
+        )
+        return convert.migration_status_to_proto(status)
+
+    @_rpc(logging.DEBUG)
+    async def GetMigration(
+        self, request: pb.GetMigrationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationStatus:
+        return convert.migration_status_to_proto(
+            await self._call(context, Host.get_migration, request.vm_id)
+        )
+
+    def expire_migrations(self) -> int:
+        """End migrations whose deadline passed (the daemon's timer thread calls this); returns
+        how many. Journals a call only when one is due."""
+        now = time.time()
+        with self.lock:
+            deadline = self.host.next_migration_deadline()
+            if deadline is None or deadline >= now:
+                return 0
+            return len(self._locked(Host.expire_migrations, (now,), None))
+
+    # -- host page migration
+
+    @_rpc(logging.INFO)
+    async def CompactTagRegion(
+        self, request: pb.CompactTagRegionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CompactTagRegionResponse:
+        return convert.compaction_to_proto(
+            await self._call(context, Host.compact_tag_region, request.region)
+        )
+
+    @_rpc(logging.INFO)
+    async def EvacuateHostRange(
+        self, request: pb.EvacuateHostRangeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EvacuateHostRangeResponse:
+        result = await self._call(
+            context, Host.evacuate_host_range, request.pfn_start, request.nr_pages
+        )
+        return convert.evacuation_to_proto(result)
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:

@@ -36,6 +36,9 @@ EVENT_TAG_BLOCKS_RELEASED = "tag_blocks_released"
 EVENT_TAG_RESERVE_FAILED = "tag_reserve_failed"
 EVENT_EVACUATION = "evacuation"  # count = pages moved out of tag storage
 EVENT_FAULT = "fault"  # detail: access, outcome; seconds = handling time
+# detail: migration_id, role, phase (a MigrationPhase or an outcome, upper case); count = round
+EVENT_MIGRATION_PHASE = "migration_phase"
+EVENT_PAGES_MOVED = "pages_moved"  # count = pages; detail: reason (compaction, offlining)
 
 
 Subscriber = Callable[[Event], None]

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hostd.model import invariants
+from hostd.model.compaction import HostPageMigration
 from hostd.model.errors import (
     RESOURCE_DIMM_SLOTS,
     RESOURCE_GUEST_ADDRESS_SPACE,
@@ -39,6 +40,7 @@ from hostd.model.events import (
     Event,
     Subscriber,
 )
+from hostd.model.migration import HostMigration, MigrationState
 from hostd.model.physmem import (
     KIND_TAGGABLE,
     PAGE_STATE_OF_FLAG,
@@ -108,9 +110,12 @@ def _check_id(field: str, value: str) -> None:
         )
 
 
-class Host:
+class Host(HostMigration, HostPageMigration):
     """A modelled arm64 KVM host with dynamic (or static) MTE tag storage.
 
+    Live migration's operations come from :class:`~hostd.model.migration.HostMigration`, host
+    page migration's (compaction, offlining) from
+    :class:`~hostd.model.compaction.HostPageMigration`.
     Not thread-safe: the daemon serialises calls.
     """
 
@@ -124,6 +129,8 @@ class Host:
         self.mem.on_remap = self._remap
         self._vms: dict[str, Vm] = {}
         self._by_slot: dict[int, Vm] = {}
+        # Migrations in progress by VM id (the rules are in hostd.model.migration).
+        self.migrations: dict[str, MigrationState] = {}
 
     @property
     def page_size(self) -> int:
@@ -239,6 +246,7 @@ class Host:
         if not mapped.any():
             return
         pages = s2[mapped].astype(np.int64) - 1
+        self._migration_mark_dirty(vm, offs[mapped])
         vm.tagged_pages -= int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
         vm.mapped_pages -= pages.size
         vm.stage2[offs[mapped]] = 0
@@ -328,6 +336,7 @@ class Host:
 
         Returns the VM as it was just before (its final mapped and tagged bytes)."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "destroying it")
         final = self._vm_status(vm)
         self._unmap(vm, np.flatnonzero(vm.stage2).astype(np.int64))
         self._forget_vm(vm)
@@ -364,6 +373,7 @@ class Host:
     def add_dimm(self, vm_id: str, device_id: str, size_bytes: int) -> MemoryDeviceStatus:
         """Hot-add a DIMM (plugged as a whole); an EAGER MTE VM gets it tagged up front."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "adding a memory device")
         _check_id("device_id", device_id)
         ps = self.page_size
         if size_bytes <= 0 or size_bytes % ps:
@@ -397,6 +407,7 @@ class Host:
     ) -> MemoryDeviceStatus:
         """Add a virtio-mem device with nothing plugged; the guest plugs blocks on request."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "adding a memory device")
         _check_id("device_id", device_id)
         bs = config.block_size_bytes
         if bs < max(VIRTIO_MEM_MIN_BLOCK_BYTES, self.page_size) or bs & (bs - 1):
@@ -460,6 +471,7 @@ class Host:
     def remove_memory_device(self, vm_id: str, device_id: str) -> None:
         """Remove a DIMM (its memory is released) or a virtio-mem device with nothing plugged."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "removing a memory device")
         dev = self._device(vm, device_id)
         if dev.kind is MemoryDeviceKind.BOOT_RAM:
             raise FailedPreconditionError(
@@ -485,6 +497,7 @@ class Host:
     ) -> MemoryDeviceStatus:
         """The operator changes ``requested_size``; the guest driver then plugs or unplugs."""
         vm = self._vm(vm_id)
+        self._migration_refuse_config(vm, "resizing a memory device")
         dev = self._virtio_mem(vm, device_id)
         self._check_requested(requested_size_bytes, dev.block_size_bytes, dev.size_bytes)
         dev.requested_size_bytes = requested_size_bytes
@@ -510,7 +523,11 @@ class Host:
         """Process a guest driver request; the outcome is an answer, never an exception."""
         vm = self._vm(vm_id)
         dev = self._virtio_mem(vm, device_id)
-        answer = self._process_virtio_mem(vm, dev, kind, addr, nb_blocks)
+        if self._migration_busy(vm):
+            # QEMU answers BUSY while a migration runs; the driver retries on a timer.
+            answer = VirtioMemAnswer(VirtioMemResponse.BUSY)
+        else:
+            answer = self._process_virtio_mem(vm, dev, kind, addr, nb_blocks)
         self.counters.add(self.counters.virtio_mem_requests, (kind.value, answer.response.value))
         return answer
 
@@ -591,6 +608,7 @@ class Host:
         outcome = "error"
         try:
             vm = self._vm(vm_id)
+            self._migration_refuse_io(vm, "guest fault")
             self._check_range_args(gpa, length_bytes, MAX_FAULT_BYTES)
             if access is Access.TAG and not vm.config.mte_enabled:
                 raise FailedPreconditionError(
@@ -647,6 +665,7 @@ class Host:
         )
         if self._mapped_as_wanted(vm, s2, access):
             return FaultResult()
+        self._migration_mark_dirty(vm, offs)
         unmapped = offs[s2 == 0]
         if not needs_tags:
             # Untagged memory; an MTE guest's stays on MTE-capable RAM (may be lent tag storage).
@@ -727,6 +746,7 @@ class Host:
         a tag access, so every page of the range ends up tagged.
         """
         vm = self._vm(vm_id)
+        self._migration_refuse_io(vm, "tag copy")
         offs = self._guest_range(vm, gpa, length_bytes, MAX_TAG_COPY_BYTES)
         if not vm.config.mte_enabled:
             raise FailedPreconditionError(
@@ -752,6 +772,7 @@ class Host:
         self.counters.add(self.counters.tags_copied_bytes, direction.value, nr_tags)
         if direction is TagCopyDirection.TO_GUEST:
             self.mem.tags.write(pages, arr.reshape(offs.size, -1))
+            self._migration_mark_dirty(vm, offs)
             return b""
         return self.mem.tags.read(pages).tobytes()
 
@@ -920,6 +941,7 @@ class Host:
             "placement": mem.placement.value,
             "vms": vms,
             "counters": self.counters.to_doc(),
+            "migrations": self._migrations_doc(arrays),
         }
         return HostState(arrays, tables)
 
@@ -961,6 +983,7 @@ class Host:
             host._by_slot[vm.slot] = vm
             mem.mte_owner[vm.slot] = vm.config.mte_enabled
         host.counters.load_doc(t["counters"])
+        host._restore_migrations(t.get("migrations", []), a)
         return host
 
 

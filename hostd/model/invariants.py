@@ -185,4 +185,5 @@ def check(host: Host) -> list[str]:
         out.append(
             f"tags stored for untagged pages: {_examples(tag_pages[flags[tag_pages] != TG_TAGGED])}"
         )
+    out += host.migration_invariants()
     return out

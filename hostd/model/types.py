@@ -112,6 +112,8 @@ class MigrationReason(enum.Enum):
     EVACUATION = "evacuation"  # lent tag storage taken back for tags
     TAG_ACCESS = "tag_access"  # untagged page had to become tagged where it cannot
     RESERVE_FAILED = "reserve_failed"  # its tag block could not be reserved: moved, replayed
+    COMPACTION = "compaction"  # packed into fewer tag blocks, or lent data moved out
+    OFFLINING = "offlining"  # moved off a host range before it goes offline
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,10 @@ class HostCounters:
         default_factory=lambda: {a.value: LatencyHistogram() for a in Access}
     )
     reservation_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
+    migrations: dict[tuple[str, str], int] = field(default_factory=dict)  # (role, outcome)
+    migration_bytes: dict[str, int] = field(default_factory=dict)  # role: bytes on the wire
+    migration_rounds: int = 0  # pre-copy rounds started after the first
+    migration_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # as migrations
 
     def to_doc(self) -> dict[str, object]:
         """A JSON-serialisable form (tuple keys become lists)."""

@@ -78,6 +78,20 @@ class PageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAGE_STATE_TAG_RESERVED: _ClassVar[PageState]
     PAGE_STATE_TAG_LENT: _ClassVar[PageState]
     PAGE_STATE_TAG_FREE: _ClassVar[PageState]
+
+class MigrationRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATION_ROLE_UNSPECIFIED: _ClassVar[MigrationRole]
+    MIGRATION_ROLE_OUTGOING: _ClassVar[MigrationRole]
+    MIGRATION_ROLE_INCOMING: _ClassVar[MigrationRole]
+
+class MigrationPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATION_PHASE_UNSPECIFIED: _ClassVar[MigrationPhase]
+    MIGRATION_PHASE_PRECOPY: _ClassVar[MigrationPhase]
+    MIGRATION_PHASE_PAUSED: _ClassVar[MigrationPhase]
+    MIGRATION_PHASE_HANDOVER: _ClassVar[MigrationPhase]
+    MIGRATION_PHASE_INCOMING: _ClassVar[MigrationPhase]
 TAG_STORAGE_MODE_UNSPECIFIED: TagStorageMode
 TAG_STORAGE_MODE_DYNAMIC: TagStorageMode
 TAG_STORAGE_MODE_STATIC: TagStorageMode
@@ -120,6 +134,14 @@ PAGE_STATE_TAGGED: PageState
 PAGE_STATE_TAG_RESERVED: PageState
 PAGE_STATE_TAG_LENT: PageState
 PAGE_STATE_TAG_FREE: PageState
+MIGRATION_ROLE_UNSPECIFIED: MigrationRole
+MIGRATION_ROLE_OUTGOING: MigrationRole
+MIGRATION_ROLE_INCOMING: MigrationRole
+MIGRATION_PHASE_UNSPECIFIED: MigrationPhase
+MIGRATION_PHASE_PRECOPY: MigrationPhase
+MIGRATION_PHASE_PAUSED: MigrationPhase
+MIGRATION_PHASE_HANDOVER: MigrationPhase
+MIGRATION_PHASE_INCOMING: MigrationPhase
 
 class GetHostRequest(_message.Message):
     __slots__ = ()
@@ -583,3 +605,241 @@ class Event(_message.Message):
     detail: _containers.ScalarMap[str, str]
     sequence: int
     def __init__(self, kind: _Optional[str] = ..., vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., region: _Optional[str] = ..., count: _Optional[int] = ..., seconds: _Optional[float] = ..., detail: _Optional[_Mapping[str, str]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class StartMigrationRequest(_message.Message):
+    __slots__ = ("vm_id", "migration_id", "timeout_seconds", "request_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    migration_id: str
+    timeout_seconds: float
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., migration_id: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class MigrationManifest(_message.Message):
+    __slots__ = ("migration_id", "config", "page_size_bytes", "devices", "mapped_bitmap", "tagged_bitmap", "mapped_bytes", "tagged_bytes", "plugged_bytes")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_BITMAP_FIELD_NUMBER: _ClassVar[int]
+    TAGGED_BITMAP_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PLUGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    config: CreateVmRequest
+    page_size_bytes: int
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceManifest]
+    mapped_bitmap: bytes
+    tagged_bitmap: bytes
+    mapped_bytes: int
+    tagged_bytes: int
+    plugged_bytes: int
+    def __init__(self, migration_id: _Optional[str] = ..., config: _Optional[_Union[CreateVmRequest, _Mapping]] = ..., page_size_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceManifest, _Mapping]]] = ..., mapped_bitmap: _Optional[bytes] = ..., tagged_bitmap: _Optional[bytes] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., plugged_bytes: _Optional[int] = ...) -> None: ...
+
+class DeviceManifest(_message.Message):
+    __slots__ = ("device_id", "kind", "gpa", "size_bytes", "block_size", "requested_size", "usable_region_size", "plugged_bitmap")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    USABLE_REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PLUGGED_BITMAP_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    kind: MemoryDeviceKind
+    gpa: int
+    size_bytes: int
+    block_size: int
+    requested_size: int
+    usable_region_size: int
+    plugged_bitmap: bytes
+    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[_Union[MemoryDeviceKind, str]] = ..., gpa: _Optional[int] = ..., size_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_size: _Optional[int] = ..., usable_region_size: _Optional[int] = ..., plugged_bitmap: _Optional[bytes] = ...) -> None: ...
+
+class AdmitMigrationRequest(_message.Message):
+    __slots__ = ("manifest", "lease_seconds", "request_id")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    manifest: MigrationManifest
+    lease_seconds: float
+    request_id: str
+    def __init__(self, manifest: _Optional[_Union[MigrationManifest, _Mapping]] = ..., lease_seconds: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class MigrationStepRequest(_message.Message):
+    __slots__ = ("vm_id", "migration_id", "request_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    migration_id: str
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., migration_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReadMigrationChunkRequest(_message.Message):
+    __slots__ = ("vm_id", "migration_id", "request_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    migration_id: str
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., migration_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReadMigrationChunkResponse(_message.Message):
+    __slots__ = ("round_done", "chunk")
+    ROUND_DONE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    round_done: bool
+    chunk: TagChunk
+    def __init__(self, round_done: _Optional[bool] = ..., chunk: _Optional[_Union[TagChunk, _Mapping]] = ...) -> None: ...
+
+class TagChunk(_message.Message):
+    __slots__ = ("seq", "round", "first_gfn_offset", "span_pages", "present", "mapped", "tagged", "nonzero", "tags", "checksum")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FIRST_GFN_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SPAN_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_FIELD_NUMBER: _ClassVar[int]
+    TAGGED_FIELD_NUMBER: _ClassVar[int]
+    NONZERO_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    round: int
+    first_gfn_offset: int
+    span_pages: int
+    present: bytes
+    mapped: bytes
+    tagged: bytes
+    nonzero: bytes
+    tags: bytes
+    checksum: int
+    def __init__(self, seq: _Optional[int] = ..., round: _Optional[int] = ..., first_gfn_offset: _Optional[int] = ..., span_pages: _Optional[int] = ..., present: _Optional[bytes] = ..., mapped: _Optional[bytes] = ..., tagged: _Optional[bytes] = ..., nonzero: _Optional[bytes] = ..., tags: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class WriteMigrationChunkRequest(_message.Message):
+    __slots__ = ("vm_id", "migration_id", "chunk", "request_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    migration_id: str
+    chunk: TagChunk
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., migration_id: _Optional[str] = ..., chunk: _Optional[_Union[TagChunk, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class NextMigrationRoundResponse(_message.Message):
+    __slots__ = ("round_pages",)
+    ROUND_PAGES_FIELD_NUMBER: _ClassVar[int]
+    round_pages: int
+    def __init__(self, round_pages: _Optional[int] = ...) -> None: ...
+
+class GetMigrationRequest(_message.Message):
+    __slots__ = ("vm_id",)
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    def __init__(self, vm_id: _Optional[str] = ...) -> None: ...
+
+class MigrationStatus(_message.Message):
+    __slots__ = ("migration_id", "vm_id", "role", "phase", "round", "round_pages_left", "dirty_pages", "chunks", "wire_bytes", "tag_bytes", "deadline_unix_seconds")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_PAGES_LEFT_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    vm_id: str
+    role: MigrationRole
+    phase: MigrationPhase
+    round: int
+    round_pages_left: int
+    dirty_pages: int
+    chunks: int
+    wire_bytes: int
+    tag_bytes: int
+    deadline_unix_seconds: float
+    def __init__(self, migration_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., role: _Optional[_Union[MigrationRole, str]] = ..., phase: _Optional[_Union[MigrationPhase, str]] = ..., round: _Optional[int] = ..., round_pages_left: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., chunks: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., tag_bytes: _Optional[int] = ..., deadline_unix_seconds: _Optional[float] = ...) -> None: ...
+
+class MigrationReport(_message.Message):
+    __slots__ = ("migration_id", "vm_id", "rounds", "wire_bytes", "tag_bytes", "mapped_bytes", "tagged_bytes")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    vm_id: str
+    rounds: int
+    wire_bytes: int
+    tag_bytes: int
+    mapped_bytes: int
+    tagged_bytes: int
+    def __init__(self, migration_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., rounds: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., tag_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ...) -> None: ...
+
+class CompactTagRegionRequest(_message.Message):
+    __slots__ = ("region", "request_id")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    request_id: str
+    def __init__(self, region: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CompactTagRegionResponse(_message.Message):
+    __slots__ = ("region", "evacuated_pages", "lent_pages_left", "compacted_pages", "tag_blocks_freed", "tag_blocks_reserved", "tag_blocks_min_needed", "complete")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    EVACUATED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    LENT_PAGES_LEFT_FIELD_NUMBER: _ClassVar[int]
+    COMPACTED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    TAG_BLOCKS_FREED_FIELD_NUMBER: _ClassVar[int]
+    TAG_BLOCKS_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    TAG_BLOCKS_MIN_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    evacuated_pages: int
+    lent_pages_left: int
+    compacted_pages: int
+    tag_blocks_freed: int
+    tag_blocks_reserved: int
+    tag_blocks_min_needed: int
+    complete: bool
+    def __init__(self, region: _Optional[str] = ..., evacuated_pages: _Optional[int] = ..., lent_pages_left: _Optional[int] = ..., compacted_pages: _Optional[int] = ..., tag_blocks_freed: _Optional[int] = ..., tag_blocks_reserved: _Optional[int] = ..., tag_blocks_min_needed: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class EvacuateHostRangeRequest(_message.Message):
+    __slots__ = ("pfn_start", "nr_pages", "request_id")
+    PFN_START_FIELD_NUMBER: _ClassVar[int]
+    NR_PAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    pfn_start: int
+    nr_pages: int
+    request_id: str
+    def __init__(self, pfn_start: _Optional[int] = ..., nr_pages: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class EvacuateHostRangeResponse(_message.Message):
+    __slots__ = ("pfn_start", "nr_pages", "moved_pages", "pages_left", "stopped_reason", "complete")
+    PFN_START_FIELD_NUMBER: _ClassVar[int]
+    NR_PAGES_FIELD_NUMBER: _ClassVar[int]
+    MOVED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_LEFT_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    pfn_start: int
+    nr_pages: int
+    moved_pages: int
+    pages_left: int
+    stopped_reason: str
+    complete: bool
+    def __init__(self, pfn_start: _Optional[int] = ..., nr_pages: _Optional[int] = ..., moved_pages: _Optional[int] = ..., pages_left: _Optional[int] = ..., stopped_reason: _Optional[str] = ..., complete: _Optional[bool] = ...) -> None: ...

@@ -110,6 +110,71 @@ class TagStorageStub:
                 request_serializer=tagstore_dot_v1_dot_tagstore__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.StartMigration = channel.unary_unary(
+                '/tagstore.v1.TagStorage/StartMigration',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.StartMigrationRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationManifest.FromString,
+                _registered_method=True)
+        self.AdmitMigration = channel.unary_unary(
+                '/tagstore.v1.TagStorage/AdmitMigration',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.AdmitMigrationRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.ReadMigrationChunk = channel.unary_unary(
+                '/tagstore.v1.TagStorage/ReadMigrationChunk',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.ReadMigrationChunkRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.ReadMigrationChunkResponse.FromString,
+                _registered_method=True)
+        self.WriteMigrationChunk = channel.unary_unary(
+                '/tagstore.v1.TagStorage/WriteMigrationChunk',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.WriteMigrationChunkRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.NextMigrationRound = channel.unary_unary(
+                '/tagstore.v1.TagStorage/NextMigrationRound',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.NextMigrationRoundResponse.FromString,
+                _registered_method=True)
+        self.PauseMigration = channel.unary_unary(
+                '/tagstore.v1.TagStorage/PauseMigration',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.HandoverMigration = channel.unary_unary(
+                '/tagstore.v1.TagStorage/HandoverMigration',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.CommitMigration = channel.unary_unary(
+                '/tagstore.v1.TagStorage/CommitMigration',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationReport.FromString,
+                _registered_method=True)
+        self.CompleteMigration = channel.unary_unary(
+                '/tagstore.v1.TagStorage/CompleteMigration',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationReport.FromString,
+                _registered_method=True)
+        self.AbortMigration = channel.unary_unary(
+                '/tagstore.v1.TagStorage/AbortMigration',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.GetMigration = channel.unary_unary(
+                '/tagstore.v1.TagStorage/GetMigration',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.GetMigrationRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.CompactTagRegion = channel.unary_unary(
+                '/tagstore.v1.TagStorage/CompactTagRegion',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.CompactTagRegionRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.CompactTagRegionResponse.FromString,
+                _registered_method=True)
+        self.EvacuateHostRange = channel.unary_unary(
+                '/tagstore.v1.TagStorage/EvacuateHostRange',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.EvacuateHostRangeRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.EvacuateHostRangeResponse.FromString,
+                _registered_method=True)
 
 
 class TagStorageServicer:
@@ -235,6 +300,130 @@ class TagStorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartMigration(self, request, context):
+        """--- Live migration (docs/design.md "Migration" has the sequence diagram). A client drives
+        two daemons; they never talk to each other. Source: StartMigration, then ReadMigrationChunk
+        until round_done, NextMigrationRound (pages dirtied meanwhile), ..., PauseMigration, a final
+        round, HandoverMigration, and CompleteMigration once the destination committed.
+        Destination: AdmitMigration, WriteMigrationChunk for each chunk, CommitMigration.
+        While a VM migrates, its virtio-mem requests answer BUSY and its memory devices cannot be
+        added, removed or resized (FAILED_PRECONDITION, VM_MIGRATING); while it is paused (or not
+        yet committed on the destination) its faults and tag copies are refused
+        (FAILED_PRECONDITION, VM_MIGRATION_PHASE, metadata "phase").
+
+        Source: starts an outgoing migration of a running VM and returns its manifest. The VM keeps
+        running; every page it maps, tags or whose tags it writes from now on is marked dirty. If
+        no call of the migration arrives within timeout_seconds before the handover, the source
+        aborts it by itself and the VM runs on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdmitMigration(self, request, context):
+        """Destination: admits the VM described by a manifest, or refuses before anything moves.
+        Admission creates the VM (phase INCOMING) at the source's guest addresses and backs every
+        page the source has mapped, reserving tag storage for every tagged page (EAGER guests:
+        everything their policy needs); plugged pages not mapped yet must fit in what is left.
+        Refusal: RESOURCE_EXHAUSTED whose ErrorInfo names the resource and needed_bytes,
+        available_bytes and short_bytes. The admission holds a lease of lease_seconds, renewed by
+        every later call of the migration; when it runs out the destination drops the VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadMigrationChunk(self, request, context):
+        """Source: the next chunk of the current round (round_done when the round is fully sent).
+        A chunk describes at most 262144 pages and 2 MiB of packed tags (under 2.5 MiB in all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteMigrationChunk(self, request, context):
+        """Destination: verifies a chunk's CRC-32 (a damaged chunk is INVALID_ARGUMENT with reason
+        MIGRATION_CHUNK_CHECKSUM and changes nothing) and applies it: pages are mapped, tagged or
+        dropped as on the source, tag storage reserved before any tag is written. Chunks apply in
+        seq order; resending an applied chunk is acknowledged without effect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NextMigrationRound(self, request, context):
+        """Source: starts the next pre-copy round with the pages dirtied since the last one; the
+        current round must be fully read. Returns the new round's page count (0: up to date).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseMigration(self, request, context):
+        """Source: pauses the guest for the final round (its faults and tag copies are refused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HandoverMigration(self, request, context):
+        """Source: everything is sent (paused, final round read, nothing dirty); from now on the
+        source never resumes the VM by itself, because the destination may commit at any moment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitMigration(self, request, context):
+        """Destination: takes ownership: received tags are written and the VM runs here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteMigration(self, request, context):
+        """Source: the destination committed: releases every page, tag and tag block of the VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortMigration(self, request, context):
+        """Either side: undoes the migration on this host (the source resumes the VM, the destination
+        drops it and everything reserved for it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMigration(self, request, context):
+        """Either side: the migration of a VM on this host (NOT_FOUND, MIGRATION_NOT_FOUND, if none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactTagRegion(self, request, context):
+        """--- Host page migration.
+
+        Compacts a tag region: lent data leaves its tag storage, then tagged pages of the emptiest
+        reserved tag blocks move into free pages of fuller ones so whole tag blocks become free.
+        Tags move with every page; no VM sees a difference. When there is no room for everything
+        it stops and says how far it got.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvacuateHostRange(self, request, context):
+        """Moves every guest page off a range of host pages (e.g. before that memory is offlined),
+        tags included. Tag storage is refused (FAILED_PRECONDITION, RANGE_IS_TAG_STORAGE): compact
+        its region instead. When there is no room it stops and says how far it got.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TagStorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -312,6 +501,71 @@ def add_TagStorageServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.WatchEventsRequest.FromString,
                     response_serializer=tagstore_dot_v1_dot_tagstore__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'StartMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartMigration,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.StartMigrationRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationManifest.SerializeToString,
+            ),
+            'AdmitMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdmitMigration,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.AdmitMigrationRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.SerializeToString,
+            ),
+            'ReadMigrationChunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadMigrationChunk,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.ReadMigrationChunkRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.ReadMigrationChunkResponse.SerializeToString,
+            ),
+            'WriteMigrationChunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteMigrationChunk,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.WriteMigrationChunkRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.SerializeToString,
+            ),
+            'NextMigrationRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextMigrationRound,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.NextMigrationRoundResponse.SerializeToString,
+            ),
+            'PauseMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseMigration,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.SerializeToString,
+            ),
+            'HandoverMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandoverMigration,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.SerializeToString,
+            ),
+            'CommitMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitMigration,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationReport.SerializeToString,
+            ),
+            'CompleteMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteMigration,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationReport.SerializeToString,
+            ),
+            'AbortMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortMigration,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.SerializeToString,
+            ),
+            'GetMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMigration,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.GetMigrationRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.SerializeToString,
+            ),
+            'CompactTagRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactTagRegion,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.CompactTagRegionRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.CompactTagRegionResponse.SerializeToString,
+            ),
+            'EvacuateHostRange': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvacuateHostRange,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.EvacuateHostRangeRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.EvacuateHostRangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -720,6 +974,357 @@ class TagStorage:
             '/tagstore.v1.TagStorage/WatchEvents',
             tagstore_dot_v1_dot_tagstore__pb2.WatchEventsRequest.SerializeToString,
             tagstore_dot_v1_dot_tagstore__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/StartMigration',
+            tagstore_dot_v1_dot_tagstore__pb2.StartMigrationRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdmitMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/AdmitMigration',
+            tagstore_dot_v1_dot_tagstore__pb2.AdmitMigrationRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadMigrationChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/ReadMigrationChunk',
+            tagstore_dot_v1_dot_tagstore__pb2.ReadMigrationChunkRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.ReadMigrationChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteMigrationChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/WriteMigrationChunk',
+            tagstore_dot_v1_dot_tagstore__pb2.WriteMigrationChunkRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextMigrationRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/NextMigrationRound',
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.NextMigrationRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/PauseMigration',
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandoverMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/HandoverMigration',
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/CommitMigration',
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/CompleteMigration',
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/AbortMigration',
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStepRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/GetMigration',
+            tagstore_dot_v1_dot_tagstore__pb2.GetMigrationRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactTagRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/CompactTagRegion',
+            tagstore_dot_v1_dot_tagstore__pb2.CompactTagRegionRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.CompactTagRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvacuateHostRange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/EvacuateHostRange',
+            tagstore_dot_v1_dot_tagstore__pb2.EvacuateHostRangeRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.EvacuateHostRangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,55 @@
+"""Migration metrics come from the model through the one collector: migrations by role and
+outcome, in progress by phase, bytes on the wire, rounds, page moves by reason."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from hostd.metrics import TagStoreMetrics
+from hostd.model import Host, default_topology
+from hostd.model.types import BOOT_RAM_GPA, Access, GiB, MiB, TagPolicy, VmConfig
+
+
+def sample(m: TagStoreMetrics, name: str, **labels: str) -> float:
+    v = m.registry.get_sample_value(name, labels)
+    assert v is not None, f"no sample {name}{labels}"
+    return v
+
+
+def test_migration_counters_and_phases_are_exported() -> None:
+    """A migration in progress shows in tagstore_migrations_in_progress; a completed one in
+    tagstore_migrations_total by role and outcome, with its bytes, rounds and duration."""
+    src, dst = Host(default_topology(2 * GiB)), Host(default_topology(2 * GiB))
+    src.create_vm(VmConfig("vm", True, TagPolicy.ON_FAULT, boot_memory_bytes=64 * MiB))
+    src.guest_fault("vm", BOOT_RAM_GPA, 8 * MiB, Access.WRITE)
+    m_src = TagStoreMetrics(src, threading.Lock(), CollectorRegistry(), 3600.0)
+    m_dst = TagStoreMetrics(dst, threading.Lock(), CollectorRegistry(), 3600.0)
+    try:
+        dst.admit_migration(src.start_migration("vm", "m", 0.0, 60.0), 0.0, 60.0)
+        in_progress = "tagstore_migrations_in_progress"
+        assert 1 == sample(m_src, in_progress, role="OUTGOING", phase="PRECOPY")
+        assert 1 == sample(m_dst, in_progress, role="INCOMING", phase="INCOMING")
+        while (chunk := src.read_migration_chunk("vm", "m", 0.0)) is not None:
+            dst.write_migration_chunk("vm", "m", chunk, 0.0)
+        src.pause_migration("vm", "m", 0.0)
+        src.next_migration_round("vm", "m", 0.0)
+        src.handover_migration("vm", "m", 0.0)
+        dst.commit_migration("vm", "m", 4.0)
+        src.complete_migration("vm", "m", 5.0)
+        assert 0 == sample(m_src, in_progress, role="OUTGOING", phase="PRECOPY")
+        ended = "tagstore_migrations_total"
+        assert 1 == sample(m_src, ended, role="OUTGOING", outcome="completed")
+        assert 1 == sample(m_dst, ended, role="INCOMING", outcome="completed")
+        assert 0 == sample(m_dst, ended, role="INCOMING", outcome="expired")
+        sent = sample(m_src, "tagstore_migration_wire_bytes_total", role="OUTGOING")
+        assert sent == sample(m_dst, "tagstore_migration_wire_bytes_total", role="INCOMING") > 0
+        assert 1 == sample(m_src, "tagstore_migration_rounds_total")
+        duration = "tagstore_migration_duration_seconds_total"
+        assert 5.0 == sample(m_src, duration, role="OUTGOING", outcome="completed")
+        assert 4.0 == sample(m_dst, duration, role="INCOMING", outcome="completed")
+        assert 0 == sample(m_src, "tagstore_page_migrations_total", reason="compaction")
+    finally:
+        m_src.close()
+        m_dst.close()
