@@ -1,5 +1,5 @@
 """The hostd command line: ``hostd serve`` runs the daemon, ``hostd check-config`` validates a
-topology file.
+topology file, ``hostd state check|reset`` inspects or discards a state directory.
 
 :func:`create_server` builds everything (host or state directory, servicer, health, reflection,
 metrics) and binds the addresses without serving; :func:`serve` runs a built daemon until SIGTERM
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -28,6 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hostd.api.requests import RequestWindow
 from hostd.api.servicer import TagStorageServicer
 from hostd.logs import configure_logging, kv
 from hostd.metrics import MetricsHttpServer, TagStoreMetrics
@@ -42,7 +44,15 @@ from hostd.model import (
     parse_size,
 )
 from hostd.model.topology import DEFAULT_MEMORY_BYTES
-from hostd.store import DEFAULT_SNAPSHOT_EVERY, StateError, Store
+from hostd.store import (
+    DEFAULT_SNAPSHOT_EVERY,
+    DEFAULT_SNAPSHOT_JOURNAL_BYTES,
+    StateError,
+    Store,
+    SyncMode,
+    check_state_dir,
+    reset_state_dir,
+)
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
 
@@ -88,12 +98,22 @@ class Daemon:
         self.server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        state: dict[str, object] = {"state_dir": "none", "ephemeral": "true"}
+        if self.store is not None:
+            report = self.store.report
+            state = {
+                "state_dir": self.store.state_dir,
+                "sync": self.store.sync.value,
+                "restored_vms": report.vms,
+                "replayed": report.replayed,
+                "generation": report.generation,
+            }
         logger.info(
             kv(
                 "serving",
                 address=self.address,
                 metrics=self.metrics_server.url if self.metrics_server else "off",
-                state_dir=self.store.state_dir if self.store else "none",
+                **state,
             )
         )
 
@@ -118,18 +138,30 @@ def create_server(
     metrics_listen: str = DEFAULT_METRICS_LISTEN,
     state_dir: str | Path | None = None,
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+    snapshot_journal_bytes: int = DEFAULT_SNAPSHOT_JOURNAL_BYTES,
+    sync: SyncMode = SyncMode.NONE,
     invariant_check_interval_s: float = DEFAULT_INVARIANT_CHECK_INTERVAL_S,
 ) -> Daemon:
     """Build a daemon for ``topology`` and bind ``listen`` (and ``metrics_listen`` unless "").
 
-    With ``state_dir`` the host is loaded from (and saved to) that directory. Raises
-    :class:`~hostd.store.StateError` or :class:`ListenError` with a message fit for an operator;
-    nothing is left bound or locked then.
+    With ``state_dir`` the host is loaded from (and saved to) that directory; without it the
+    host lives only as long as the process. Raises :class:`~hostd.store.StateError` or
+    :class:`ListenError` with a message fit for an operator; nothing is left bound or locked
+    then.
     """
     lock = threading.Lock()
     store = None
+    requests = RequestWindow()
     if state_dir is not None:
-        store = Store.open(state_dir, topology, placement, snapshot_every=snapshot_every)
+        store = Store.open(
+            state_dir,
+            topology,
+            placement,
+            snapshot_every=snapshot_every,
+            snapshot_journal_bytes=snapshot_journal_bytes,
+            sync=sync,
+            requests=requests,
+        )
         host = store.host
     else:
         host = Host(topology, placement)
@@ -137,7 +169,7 @@ def create_server(
         host, lock, invariant_check_interval_s=invariant_check_interval_s or None
     )
     try:
-        return _bind(host, lock, store, metrics, listen, metrics_listen)
+        return _bind(host, lock, store, requests, metrics, listen, metrics_listen)
     except BaseException:
         metrics.close()
         if store is not None:
@@ -149,11 +181,12 @@ def _bind(
     host: Host,
     lock: threading.Lock,
     store: Store | None,
+    requests: RequestWindow,
     metrics: TagStoreMetrics,
     listen: str,
     metrics_listen: str,
 ) -> Daemon:
-    servicer = TagStorageServicer(host, lock, journal=store)
+    servicer = TagStorageServicer(host, lock, journal=store, requests=requests)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="hostd-rpc"),
         interceptors=[metrics.server_interceptor()],
@@ -235,20 +268,36 @@ def _topology_from_args(args: argparse.Namespace) -> HostTopology:
     return default_topology(memory, page_size, tag_storage_mode=mode)
 
 
+def default_state_dir() -> Path:
+    """Where ``hostd serve`` keeps its state without ``--state-dir``: ``$STATE_DIRECTORY``
+    (systemd's ``StateDirectory=``; its first entry), else ``$XDG_STATE_HOME/tagstore``, else
+    ``~/.local/state/tagstore``."""
+    systemd = os.environ.get("STATE_DIRECTORY", "")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    if xdg:
+        return Path(xdg) / "tagstore"
+    return Path.home() / ".local" / "state" / "tagstore"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         topology = _topology_from_args(args)
     except ConfigError as e:
         print(f"hostd: invalid configuration: {e}", file=sys.stderr)
         return 2
+    state_dir = None if args.ephemeral else (args.state_dir or default_state_dir())
     try:
         daemon = create_server(
             topology,
             placement=_PLACEMENTS[args.placement],
             listen=args.listen,
             metrics_listen=args.metrics_listen,
-            state_dir=args.state_dir,
+            state_dir=state_dir,
             snapshot_every=args.snapshot_every,
+            snapshot_journal_bytes=args.snapshot_journal_bytes,
+            sync=SyncMode(args.sync),
             invariant_check_interval_s=args.invariant_check_interval,
         )
     except (StateError, ListenError) as e:
@@ -279,6 +328,27 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_state_check(args: argparse.Namespace) -> int:
+    path = args.dir or default_state_dir()
+    try:
+        for line in check_state_dir(path):
+            print(line)
+    except StateError as e:
+        print(f"hostd: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_state_reset(args: argparse.Namespace) -> int:
+    path = args.dir or default_state_dir()
+    try:
+        print(reset_state_dir(path, force=args.force))
+    except (StateError, OSError) as e:
+        print(f"hostd: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hostd`` argument parser."""
     parser = argparse.ArgumentParser(prog="hostd", description=__doc__.split("\n\n")[0])
@@ -291,7 +361,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--metrics-listen", default=DEFAULT_METRICS_LISTEN, help='host:port; "" disables'
     )
-    s.add_argument("--state-dir", type=Path, help="persist state here (snapshot + journal)")
+    s.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep state here (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/tagstore, else "
+        "~/.local/state/tagstore)",
+    )
+    s.add_argument(
+        "--ephemeral", action="store_true", help="keep no state: it ends with the process"
+    )
+    s.add_argument(
+        "--sync",
+        choices=[m.value for m in SyncMode],
+        default=SyncMode.NONE.value,
+        help="fsync journal records before replying: 'always' survives power loss (and keeps "
+        "state across reboots); 'none' (default) survives the process being killed",
+    )
     s.add_argument("--memory", help="built-in host: RAM size, e.g. 64GiB (default 64GiB)")
     s.add_argument("--page-size", choices=["4K", "16K", "64K"], help="built-in host (default 4K)")
     s.add_argument("--tag-storage", choices=sorted(_TAG_STORAGE_MODES), help="built-in host")
@@ -309,9 +394,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot-every",
         type=int,
         default=DEFAULT_SNAPSHOT_EVERY,
-        help="snapshot after this many journal entries",
+        help="snapshot after this many journal records",
+    )
+    s.add_argument(
+        "--snapshot-journal-bytes",
+        type=int,
+        default=DEFAULT_SNAPSHOT_JOURNAL_BYTES,
+        metavar="BYTES",
+        help="snapshot once the journal holds this many bytes",
     )
     s.set_defaults(func=_cmd_serve)
+
+    st = commands.add_parser("state", help="inspect or discard a state directory")
+    state_commands = st.add_subparsers(dest="state_command", required=True)
+    sc = state_commands.add_parser(
+        "check", help="verify a state directory as `serve` would load it, without serving"
+    )
+    sc.add_argument("dir", type=Path, nargs="?", help="default: the default state directory")
+    sc.set_defaults(func=_cmd_state_check)
+    sr = state_commands.add_parser(
+        "reset", help="discard a state directory's state (moved aside unless --force)"
+    )
+    sr.add_argument("dir", type=Path, nargs="?", help="default: the default state directory")
+    sr.add_argument("--force", action="store_true", help="delete instead of moving aside")
+    sr.set_defaults(func=_cmd_state_reset)
 
     c = commands.add_parser("check-config", help="validate a topology TOML file")
     c.add_argument("file", type=Path)
@@ -333,6 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if args.command == "serve" and args.snapshot_every < 1:
         parser.error("--snapshot-every must be at least 1")
+    if args.command == "serve" and args.snapshot_journal_bytes < 1:
+        parser.error("--snapshot-journal-bytes must be at least 1")
+    if args.command == "serve" and args.ephemeral and args.state_dir is not None:
+        parser.error("--ephemeral and --state-dir exclude each other")
     configure_logging(args.log_level)
     code: int = args.func(args)
     return code

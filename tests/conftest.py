@@ -2,8 +2,10 @@
 daemon as a subprocess) → ``daemon`` (one running daemon per module) → ``stub`` → ``vm``.
 
 The daemon is always ``python -m hostd serve`` on a unix socket in a short temp dir (socket paths
-are limited to 107 bytes, pytest's tmp_path can be longer), with a small host (``--memory 4GiB``)
-and metrics off unless a test asks for them.
+are limited to 107 bytes, pytest's tmp_path can be longer), with a small host (``--memory 4GiB``),
+its own fresh state directory there (durable, as deployed) and metrics off unless a test asks
+for them. No daemon a test starts ever sees the user's default state directory: the environment
+it gets points ``$XDG_STATE_HOME`` into a temp dir and has no ``$STATE_DIRECTORY``.
 """
 
 from __future__ import annotations
@@ -60,7 +62,18 @@ class HostdProcess:
         return self.proc.wait(timeout)
 
 
-def run_hostd(*args: str, timeout: float = STARTUP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+_XDG_STATE_HOME = tempfile.mkdtemp(prefix="hostd-xdg-", dir="/tmp")
+
+
+def hostd_env(**extra: str) -> dict[str, str]:
+    """The environment of a daemon a test starts: never the user's state directory."""
+    env = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+    return {**env, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": _XDG_STATE_HOME, **extra}
+
+
+def run_hostd(
+    *args: str, timeout: float = STARTUP_TIMEOUT_S, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m hostd ARGS`` to completion (for commands that exit on their own)."""
     return subprocess.run(
         [sys.executable, "-m", "hostd", *args],
@@ -69,6 +82,7 @@ def run_hostd(*args: str, timeout: float = STARTUP_TIMEOUT_S) -> subprocess.Comp
         text=True,
         timeout=timeout,
         check=False,
+        env=env or hostd_env(),
     )
 
 
@@ -94,20 +108,26 @@ def short_tmp() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def hostd_process(short_tmp: Path) -> Iterator[Callable[..., HostdProcess]]:
-    """Factory: ``hostd_process(*extra_args, wait=True)`` starts a daemon and returns it.
+    """Factory: ``hostd_process(*extra_args, wait=True, env=None)`` starts a daemon and returns
+    it.
 
-    Defaults: a fresh unix socket, ``--memory 4GiB``, metrics off. Pass ``--listen`` or
-    ``--memory`` in ``extra_args`` to override. Every daemon still running at the end of the
+    Defaults: a fresh unix socket, a fresh ``--state-dir``, ``--memory 4GiB``, metrics off. Pass
+    ``--listen``, ``--state-dir`` (or ``--ephemeral``) or ``--memory`` in ``extra_args`` to
+    override; ``env`` adds environment variables. Every daemon still running at the end of the
     session is killed (by its pid).
     """
     started: list[HostdProcess] = []
     counter = itertools.count()
 
-    def start(*extra_args: str, wait: bool = True) -> HostdProcess:
+    def start(
+        *extra_args: str, wait: bool = True, env: dict[str, str] | None = None
+    ) -> HostdProcess:
         n = next(counter)
         args = list(extra_args)
         if "--listen" not in args:
             args += ["--listen", f"unix:{short_tmp}/hostd-{n}.sock"]
+        if "--state-dir" not in args and "--ephemeral" not in args:
+            args += ["--state-dir", str(short_tmp / f"state-{n}")]
         if "--memory" not in args and "--config" not in args:
             args += ["--memory", "4GiB"]
         if "--metrics-listen" not in args:
@@ -121,7 +141,7 @@ def hostd_process(short_tmp: Path) -> Iterator[Callable[..., HostdProcess]]:
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=hostd_env(**(env or {})),
             )
         daemon = HostdProcess(proc, address, stderr_path, args)
         started.append(daemon)

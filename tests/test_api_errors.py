@@ -15,6 +15,7 @@ from hostd.model.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    StateUnavailableError,
     TagStoreError,
 )
 
@@ -76,6 +77,13 @@ def _decode(status: grpc.Status) -> tuple[status_pb2.Status, error_details_pb2.E
             id="resource_exhausted",
         ),
         pytest.param(
+            StateUnavailableError("disk full", reason="STATE_UNWRITABLE", journal="/s/j"),
+            grpc.StatusCode.UNAVAILABLE,
+            "STATE_UNWRITABLE",
+            {"journal": "/s/j"},
+            id="state_unavailable",
+        ),
+        pytest.param(
             TagStoreError("unclassified refusal", reason="SOMETHING"),
             grpc.StatusCode.INTERNAL,
             "SOMETHING",
@@ -108,6 +116,7 @@ def test_every_error_class_of_the_model_has_a_row() -> None:
         AlreadyExistsError,
         FailedPreconditionError,
         ResourceExhaustedError,
+        StateUnavailableError,
         TagStoreError,
     }
     assert classes == {cls for cls, _ in STATUS_CODES}

@@ -169,6 +169,7 @@ class HostdServer:
             self.address,
             "--metrics-listen",
             "",
+            "--ephemeral",  # a simulation's host is thrown away with it
             "--memory",
             str(self.config.memory),
             "--page-size",

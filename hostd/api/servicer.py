@@ -13,6 +13,7 @@ answered INTERNAL (the daemon keeps serving).
 from __future__ import annotations
 
 import collections
+import contextvars
 import functools
 import logging
 import threading
@@ -23,6 +24,7 @@ import grpc
 
 from hostd.api import convert
 from hostd.api.errors import to_grpc_status
+from hostd.api.requests import MISS, RequestWindow
 from hostd.logs import kv
 from hostd.model import Host
 from hostd.model.errors import TagStoreError
@@ -42,14 +44,26 @@ _WATCH_POLL_SECONDS = 1.0
 
 
 class Journal(Protocol):
-    """Where successful mutating calls are recorded (:class:`hostd.store.Store`)."""
+    """Where mutating calls are recorded, ahead of running them (:class:`hostd.store.Store`)."""
 
-    def prepare(self, method: str, args: tuple[object, ...]) -> str | None:
-        """The record for a call, or None if ``method`` is not journaled. Called before the
-        call; raises if the record could not be made durable, so that nothing changes then."""
+    def begin(self, method: str, args: tuple[object, ...], request_id: str) -> Any:
+        """Record a call before it runs; returns a ticket, or None if ``method`` is not
+        journaled. Raises (StateUnavailableError) if the record cannot be written: the call
+        must not run then, and nothing has changed."""
 
-    def commit(self, record: str) -> None:
-        """Make a prepared record durable; called after the call succeeded, before the reply."""
+    def abort(self, ticket: Any) -> None:
+        """The call of ``ticket`` raised (it changed nothing)."""
+
+    def commit(self, ticket: Any) -> int:
+        """The call of ``ticket`` succeeded; returns a token for :meth:`wait_durable`."""
+
+    def wait_durable(self, token: int) -> None:
+        """Return once the records up to ``token`` are as durable as configured (called
+        without the lock, so that concurrent calls share one fsync)."""
+
+
+# The request_id of the unary call being served (AIP-155), set by the _rpc decorator for _call.
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
 def _rpc(level: int) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -60,12 +74,15 @@ def _rpc(level: int) -> Callable[[Callable[..., T]], Callable[..., T]]:
 
         @functools.wraps(handler)
         def wrapper(self: TagStorageServicer, request: Any, context: grpc.ServicerContext) -> T:
+            request_id = _request_id.set(getattr(request, "request_id", ""))
             try:
                 response = handler(self, request, context)
             except TagStoreError as error:
                 _abort_refused(context, name, error)
             except Exception:
                 _abort_internal(context, name)
+            finally:
+                _request_id.reset(request_id)
             # Faults run at thousands a second: build the line only if it will be written.
             if logger.isEnabledFor(level):
                 logger.log(level, kv("rpc", rpc=name, code="OK", **_ids(request)))
@@ -165,11 +182,13 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         lock: threading.Lock | None = None,
         *,
         journal: Journal | None = None,
+        requests: RequestWindow | None = None,
         event_queue_size: int = EVENT_QUEUE_SIZE,
     ) -> None:
         self.host = host
         self.lock = lock if lock is not None else threading.Lock()
         self._journal = journal
+        self._requests = requests if requests is not None else RequestWindow()
         self._event_queue_size = event_queue_size
         self._closing = threading.Event()
         self._watchers: set[_EventQueue] = set()
@@ -181,16 +200,34 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
             queue.wake()
 
     def _call(self, method: Callable[..., T], *args: object) -> T:
-        """Call a model method under the lock; journal the call if it changed state.
+        """Call a model method under the lock, journaled ahead if it may change state.
 
-        A refused call changes nothing, so only successful calls are committed; the commit is
-        durable before the caller can send the reply.
+        A retry of a remembered ``request_id`` gets the first answer and runs nothing. The
+        record is written before the call runs (a call that cannot be recorded is refused
+        having changed nothing), and is as durable as configured before the reply.
         """
+        name = method.__name__
+        request_id = _request_id.get()
+        journal = self._journal
+        ticket = None
         with self.lock:
-            record = self._journal.prepare(method.__name__, args) if self._journal else None
-            result = method(self.host, *args)
-            if record is not None and self._journal is not None:
-                self._journal.commit(record)
+            answer = self._requests.lookup(request_id, name, args) if request_id else MISS
+            if answer is not MISS:
+                return answer  # type: ignore[return-value]
+            if journal is not None:
+                ticket = journal.begin(name, args, request_id)
+            try:
+                result = method(self.host, *args)
+            except BaseException:
+                if ticket is not None:
+                    journal.abort(ticket)  # type: ignore[union-attr]
+                raise
+            if ticket is not None:
+                token = journal.commit(ticket)  # type: ignore[union-attr]
+            if request_id:
+                self._requests.remember(request_id, name, args, result)
+        if ticket is not None:
+            journal.wait_durable(token)  # type: ignore[union-attr]
         return result
 
     @_rpc(logging.DEBUG)

@@ -881,23 +881,25 @@ class Host:
         """The minimal state: page flags, owners, tag reverse map, tags, VM maps and tables.
 
         Everything else (per-block counts, totals, VM accounting) is derived on restore.
+        The arrays are the host's own, not copies (a copy of a 1 TiB host's arrays would double
+        its memory): write them out before the next call changes the host.
         """
         mem = self.mem
         tag_pages, tag_rows = mem.tags.state()
         arrays: dict[str, npt.NDArray[Any]] = {
-            "flags": mem.flags.copy(),
-            "owner": mem.owner.copy(),
-            "ts_gfn": mem.ts_gfn.copy(),
+            "flags": mem.flags,
+            "owner": mem.owner,
+            "ts_gfn": mem.ts_gfn,
             "tags_pages": tag_pages,
             "tags_rows": tag_rows,
         }
         vms: list[dict[str, Any]] = []
         for vm in self._vms.values():
-            arrays[f"vm{vm.slot}_stage2"] = vm.stage2.copy()
+            arrays[f"vm{vm.slot}_stage2"] = vm.stage2
             devices = []
             for i, d in enumerate(vm.devices.values()):
                 if d.is_virtio_mem:
-                    arrays[f"vm{vm.slot}_dev{i}_plugged"] = d.plugged.copy()
+                    arrays[f"vm{vm.slot}_dev{i}_plugged"] = d.plugged
                 devices.append(
                     {
                         "index": i,
