@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import dataclasses
 import enum
 import fcntl
@@ -54,7 +53,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 import zlib
@@ -66,6 +64,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hostd.api.requests import RememberedRequest, RequestWindow
+from hostd.cow import die_with_parent
 from hostd.logs import kv
 from hostd.model import Host, HostState, topology_to_doc
 from hostd.model.errors import StateUnavailableError
@@ -926,7 +925,7 @@ class Store:
         if pid == 0:  # the child: no locks, no logging, no gRPC; write and exit
             code = 0
             try:
-                _die_with_parent()
+                die_with_parent()
                 crc = _write_snapshot(self.state_dir, new, state, meta)
                 _child_result_path(self.state_dir, new).write_text(f"{crc}\n")
             except BaseException as e:  # reported through the exit code
@@ -1039,15 +1038,6 @@ class Store:
 
 def _child_result_path(state_dir: Path, generation: int) -> Path:
     return state_dir / f".snapshot-{generation:08d}.done"
-
-
-def _die_with_parent() -> None:
-    """In a forked child: get SIGKILL when the daemon dies (it holds the directory's lock)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:
-        os._exit(1)
 
 
 def _encode_request(r: RememberedRequest) -> dict[str, Any]:

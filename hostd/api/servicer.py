@@ -25,6 +25,7 @@ import grpc
 from hostd.api import convert
 from hostd.api.errors import to_grpc_status
 from hostd.api.requests import MISS, RequestWindow
+from hostd.cow import call_on_copy, stream_on_copy
 from hostd.logs import kv
 from hostd.model import Host
 from hostd.model.errors import TagStoreError
@@ -61,6 +62,9 @@ class Journal(Protocol):
         """Return once the records up to ``token`` are as durable as configured (called
         without the lock, so that concurrent calls share one fsync)."""
 
+
+# Reads of every page: run on a copy-on-write image (hostd.cow) so that they never hold the lock.
+_READ_ON_COPY = frozenset({"check_invariants"})
 
 # The request_id of the unary call being served (AIP-155), set by the _rpc decorator for _call.
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -207,6 +211,8 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         having changed nothing), and is as durable as configured before the reply.
         """
         name = method.__name__
+        if name in _READ_ON_COPY:
+            return call_on_copy(self.lock, functools.partial(method, self.host, *args))
         request_id = _request_id.get()
         journal = self._journal
         ticket = None
@@ -342,9 +348,15 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
     def ExportState(
         self, request: pb.ExportStateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ExportStateResponse]:
-        # Built under the lock (a consistent cut), streamed after it is released.
-        export = self._call(Host.export_state)
-        yield from convert.export_to_proto(export, self.host.page_size)
+        # Built by a child on a copy-on-write image (a consistent cut; the lock is held only for
+        # the fork), streamed as the child serialises it.
+        for data in stream_on_copy(self.lock, self._serialized_export):
+            yield pb.ExportStateResponse.FromString(data)
+
+    def _serialized_export(self) -> Iterator[bytes]:
+        export = self.host.export_state()
+        for message in convert.export_to_proto(export, self.host.page_size):
+            yield message.SerializeToString()
 
     @_stream_rpc
     def WatchEvents(
