@@ -34,11 +34,16 @@ class CopyFailedError(Exception):
     """The child reading the copy failed; the message carries its traceback."""
 
 
+# Loaded in the parent: a child must not dlopen() (the loader's lock may have been held by
+# another thread at the fork).
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
 def die_with_parent() -> None:
     """In a forked child: get SIGKILL when the daemon dies (it may hold locks and sockets)."""
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
         os._exit(1)
 
