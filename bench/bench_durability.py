@@ -126,7 +126,7 @@ def populate(stub: pb_grpc.TagStorageStub, memory_bytes: int) -> int:
     for i in range(int(taggable * 0.8) // mte_vm_bytes):
         fill(f"mte{i}", True, mte_vm_bytes)
     i = 0
-    while (free := stub.GetHost(pb.GetHostRequest()).usage.all_free_bytes) > 0:
+    while (free := stub.GetHost(pb.GetHostRequest()).free_bytes) > 0:
         fill(f"plain{i}", False, min(free, 64 * GiB))
         i += 1
     return vms

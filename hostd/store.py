@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 
 from hostd.api.requests import RememberedRequest, RequestWindow
 from hostd.cow import die_with_parent
@@ -372,7 +373,11 @@ _WHAT_TO_DO = (
 
 
 def _read_snapshot(snapshot_dir: Path, meta_crc: int) -> tuple[HostState, list[Any]]:
-    """The host state and request window saved in ``snapshot_dir``, every checksum verified."""
+    """The host state and request window saved in ``snapshot_dir``.
+
+    The arrays are read lazily (:class:`_NpyFile`); their checksums are verified as they are
+    read, by :func:`_restore`.
+    """
     meta_path = snapshot_dir / "meta.json"
     if not snapshot_dir.is_dir():
         raise StateError(f"{snapshot_dir}: the snapshot CURRENT names is missing; {_WHAT_TO_DO}")
@@ -384,28 +389,108 @@ def _read_snapshot(snapshot_dir: Path, meta_crc: int) -> tuple[HostState, list[A
             )
     except OSError as e:
         raise StateError(f"{meta_path}: {e.strerror}; {_WHAT_TO_DO}") from None
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for name, entry in meta.get("arrays", {}).items():
         path = snapshot_dir / "arrays" / entry["file"]
         try:
-            crc, size = _file_crc32(path)
-        except OSError as e:
-            raise StateError(
-                f"{path}: array {name!r} unreadable ({e.strerror}); {_WHAT_TO_DO}"
-            ) from None
-        if (crc, size) != (entry["crc32"], entry["size"]):
-            raise StateError(
-                f"{path}: array {name!r} is truncated or altered ({size} of {entry['size']} "
-                f"bytes, checksum {'ok' if crc == entry['crc32'] else 'bad'}); {_WHAT_TO_DO}"
-            )
-        try:
-            # Mapped, not read: Host.restore copies it into the model's own arrays.
-            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            size = path.stat().st_size
+            if size != entry["size"]:
+                raise StateError(
+                    f"{path}: array {name!r} is truncated or altered ({size} of {entry['size']} "
+                    f"bytes); {_WHAT_TO_DO}"
+                )
+            # Read lazily: Host.restore copies it into the model's own arrays chunk by chunk.
+            arrays[name] = _NpyFile(path, name, entry["crc32"])
         except (OSError, ValueError) as e:
-            raise StateError(f"{path}: array {name!r} unreadable ({e}); {_WHAT_TO_DO}") from None
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise StateError(
+                f"{path}: array {name!r} unreadable ({reason}); {_WHAT_TO_DO}"
+            ) from None
     tables = _read_sealed_file(snapshot_dir / "tables.json", "snapshot tables")
     requests = tables.pop("requests", [])
     return HostState(arrays=arrays, tables=tables), requests
+
+
+class _NpyFile:
+    """A 1-D ``.npy`` file read on demand: ``f[a:b]`` reads those elements, ``np.asarray(f)``
+    the whole array. Restoring a large host then needs no whole-array temporary (a memory
+    mapping would count in the daemon's resident memory as it is read).
+
+    The CRC-32 of the file is computed on the way when the file is read in order (as
+    ``Host.restore`` does), so the start reads each file once; :meth:`verify` checks it.
+    """
+
+    def __init__(self, path: Path, name: str, crc32: int) -> None:
+        self.path = path
+        self.name = name
+        self._expected_crc = crc32
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+            f.seek(0)
+            self._crc = zlib.crc32(f.read(self.offset))
+        if fortran and len(shape) > 1:
+            raise ValueError("Fortran-ordered arrays are not written by hostd")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.size = int(np.prod(shape, dtype=np.int64))
+        self._next = 0  # elements read in order so far (-1: read out of order)
+
+    def _read(self, start: int, count: int) -> npt.NDArray[Any]:
+        data = np.fromfile(
+            self.path, self.dtype, count, offset=self.offset + start * self.dtype.itemsize
+        )
+        if data.size != count:
+            raise ValueError(f"{self.path}: {data.size} of {count} elements")
+        if start == self._next:
+            self._crc = zlib.crc32(data.data, self._crc)
+            self._next += count
+        else:
+            self._next = -1
+        return data
+
+    def __getitem__(self, key: slice) -> npt.NDArray[Any]:
+        if len(self.shape) != 1:
+            return np.asarray(self)[key]
+        start, stop, step = key.indices(self.shape[0])
+        if step != 1:
+            return np.asarray(self)[key]
+        return self._read(start, max(0, stop - start))
+
+    def __array__(self, dtype: Any = None) -> npt.NDArray[Any]:
+        data = self._read(0, self.size).reshape(self.shape)
+        return data if dtype is None else data.astype(dtype)
+
+    def verify(self) -> None:
+        """Raise StateError unless the file's checksum is the recorded one."""
+        crc = self._crc if self._next == self.size else _file_crc32(self.path)[0]
+        if crc != self._expected_crc:
+            raise StateError(
+                f"{self.path}: array {self.name!r} is altered (checksum mismatch); {_WHAT_TO_DO}"
+            )
+
+
+def _restore(state: HostState, path: Path) -> Host:
+    """The host of a snapshot, every array's checksum verified."""
+    arrays: list[Any] = list(state.arrays.values())
+    files: list[_NpyFile] = [a for a in arrays if isinstance(a, _NpyFile)]
+    try:
+        host = Host.restore(state)
+    except (ValueError, KeyError, TypeError) as e:
+        for f in files:
+            f.verify()  # corruption is the likelier cause: say so if it is
+        raise StateError(
+            f"{path}: the snapshot does not fit this host ({e}); {_WHAT_TO_DO}"
+        ) from None
+    for f in files:
+        f.verify()
+    return host
 
 
 def _lock_dir(path: Path) -> int:
@@ -580,7 +665,7 @@ class Store:
             state, saved_requests = _read_snapshot(
                 path / _snapshot_name(generation), current["meta_crc32"]
             )
-            host = Host.restore(state)
+            host = _restore(state, path)
         requests: RequestWindow = options["requests"]
         requests.load([_decode_request(r) for r in saved_requests])
         store = cls(path, host, current, **options)
@@ -1134,7 +1219,7 @@ def check_state_dir(path: Path) -> Iterator[str]:
             host = Host(topology, placement)
         else:
             state, _ = _read_snapshot(path / _snapshot_name(generation), current["meta_crc32"])
-            host = Host.restore(state)
+            host = _restore(state, path)
         store = Store(
             path,
             host,

@@ -338,9 +338,10 @@ def test_missing_current_beside_a_journal_refuses_start(state_dir: Path) -> None
     assert records(journal_of(state_dir, 1))  # untouched
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "missing", "altered"])
 def test_damaged_snapshot_array_refuses_start_naming_the_file(state_dir: Path, damage: str) -> None:
-    """A zero-length, truncated or missing array file refuses the start in one line."""
+    """A zero-length, truncated, missing or altered array file refuses the start in one
+    line."""
     store = Store.open(state_dir, TOPOLOGY)
     populate(store)
     store.close()
@@ -350,6 +351,10 @@ def test_damaged_snapshot_array_refuses_start_naming_the_file(state_dir: Path, d
         array.write_bytes(b"")
     elif damage == "truncated":
         os.truncate(array, array.stat().st_size // 2)
+    elif damage == "altered":
+        data = bytearray(array.read_bytes())
+        data[-1] ^= 0x01
+        array.write_bytes(bytes(data))
     else:
         array.unlink()
 
@@ -617,3 +622,22 @@ def test_journal_values_round_trip_through_json(value: object) -> None:
 def test_values_the_journal_cannot_encode_are_refused_before_the_call(store: Store) -> None:
     with pytest.raises(TypeError, match="cannot journal"):
         store.begin("guest_fault", (object(),))
+
+
+def test_restore_in_small_chunks_gives_the_same_host(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arrays are read from the snapshot and counts rebuilt chunk by chunk (bounded memory):
+    chunk boundaries anywhere give the same host."""
+    store = Store.open(state_dir, TOPOLOGY)
+    populate(store)
+    before = fingerprint(store.host)
+    store.close()
+    monkeypatch.setattr("hostd.model.host.REBUILD_CHUNK_PAGES", 999)
+    monkeypatch.setattr("hostd.model.physmem.REBUILD_CHUNK_PAGES", 999)
+    reopened = Store.open(state_dir, TOPOLOGY)
+    try:
+        assert before == fingerprint(reopened.host)
+        assert [] == reopened.host.check_invariants()
+    finally:
+        reopened.close()
