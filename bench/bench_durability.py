@@ -88,6 +88,10 @@ class Daemon:
         assert self.proc is not None
         return status_kib(self.proc.pid, "VmHWM") * 1024
 
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        return status_kib(self.proc.pid, "VmRSS") * 1024
+
     def stop(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -189,6 +193,9 @@ def main() -> int:
     daemon = Daemon(tmp, args.memory, state)
     try:
         first_start = daemon.start()
+        # The process before any page of the host is touched (interpreter, gRPC, empty arrays
+        # not yet faulted in): subtracted to get the state's share, as bench_model.py does.
+        baseline = daemon.rss_bytes()
         channel = grpc.insecure_channel(daemon.address)
         stub = pb_grpc.TagStorageStub(channel)
         t0 = time.perf_counter()
@@ -212,7 +219,8 @@ def main() -> int:
             ratio = pct(values, 0.99) / pct(idle, 0.99)
             print(
                 f"  {label:15s} p50 {pct(values, 0.5):6.2f} ms  p99 {pct(values, 0.99):6.2f} ms"
-                f"  p99 / idle p99 = {ratio:.2f} ({n} completed; goal <= 2)"
+                f"  max {max(values) * 1e3:7.2f} ms  p99 / idle p99 = {ratio:.2f} "
+                f"({n} completed; goal <= 2)"
             )
         # Snapshot: a graceful stop writes one; then restart from it (nothing to replay).
         daemon.stop(signal.SIGTERM)
@@ -239,11 +247,14 @@ def main() -> int:
         print(f"  after a graceful stop (snapshot, empty journal): {clean:.2f} s")
         print(f"  after SIGKILL (journal replayed):               {killed:.2f} s")
         print(f"    {replayed.split('event=serving ')[1]}")
-        print("daemon peak RSS (VmHWM) per host page (goal <= 8):")
+        hwm["restart (snapshot)"] = hwm_restart_clean
+        hwm["restart (snapshot + replay)"] = hwm_restart_killed
+        print(
+            "daemon peak RSS (VmHWM) per host page, whole process / minus the process before "
+            f"the host was touched ({baseline / 2**20:.0f} MiB) (goal <= 8):"
+        )
         for label, value in hwm.items():
-            print(f"  {label:28s} {value / pages:5.2f} bytes")
-        print(f"  {'restart (snapshot)':28s} {hwm_restart_clean / pages:5.2f} bytes")
-        print(f"  {'restart (snapshot + replay)':28s} {hwm_restart_killed / pages:5.2f} bytes")
+            print(f"  {label:28s} {value / pages:5.2f} / {(value - baseline) / pages:5.2f} bytes")
         daemon.stop(signal.SIGTERM)
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:

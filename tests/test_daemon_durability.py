@@ -322,3 +322,19 @@ def test_full_disk_refuses_calls_unapplied_then_recovers(
     again = hostd_process("--state-dir", str(state))
     with again.channel() as channel:
         assert sorted(acknowledged) == vm_ids(pb_grpc.TagStorageStub(channel))
+
+
+def test_streamed_fault_retry_with_its_request_id_gets_the_first_result(
+    hostd_process: Start,
+) -> None:
+    """Request ids work per message of StreamGuestFaults too."""
+    proc = hostd_process()
+    with proc.channel() as channel:
+        stub = pb_grpc.TagStorageStub(channel)
+        create(stub, "vm1")
+        request = pb.GuestFaultRequest(
+            vm_id="vm1", gpa=BOOT_RAM_GPA, length=MiB, access=pb.ACCESS_WRITE, request_id="s-1"
+        )
+        first, again = stub.StreamGuestFaults(iter([request, request]))
+        assert MiB // 4096 == first.newly_mapped_pages
+        assert first == again

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import hostd.store
 from hostd.model import (
     BOOT_RAM_GPA,
     Access,
@@ -639,5 +640,41 @@ def test_restore_in_small_chunks_gives_the_same_host(
     try:
         assert before == fingerprint(reopened.host)
         assert [] == reopened.host.check_invariants()
+    finally:
+        reopened.close()
+
+
+def test_failed_directory_fsync_after_current_moved_loses_no_commit(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the directory cannot be fsync'd after CURRENT was replaced, later records still go
+    where a restart reads them (the new journal), and the older files are kept."""
+    store = Store.open(state_dir, TOPOLOGY, fork_snapshots=False)
+    call(store, "create_vm", VmConfig("vm1", True, TagPolicy.ON_FAULT, 16 * MiB))
+    real_replace, real_fsync_dir = os.replace, hostd.store._fsync_dir
+    replaced = []
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        replaced.append(Path(dst).name)
+
+    def fsync_dir(path: Path) -> None:
+        if replaced and replaced[-1] == "CURRENT" and path == state_dir:
+            replaced.clear()
+            raise OSError(5, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(hostd.store, "_fsync_dir", fsync_dir)
+    store.snapshot()
+    monkeypatch.undo()
+    call(store, "create_vm", VmConfig("vm2", True, TagPolicy.ON_FAULT, 16 * MiB))
+    assert 2 == current(state_dir)["generation"]
+    assert (state_dir / "journal-00000001.jsonl").exists()  # kept: CURRENT may not be durable
+    crash(store)
+
+    reopened = Store.open(state_dir, TOPOLOGY)
+    try:
+        assert ["vm1", "vm2"] == sorted(vm.vm_id for vm in reopened.host.list_vms())
     finally:
         reopened.close()

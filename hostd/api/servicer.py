@@ -281,7 +281,12 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         self, request_iterator: Iterator[pb.GuestFaultRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.GuestFaultResponse]:
         for request in request_iterator:
-            yield self._guest_fault(request)
+            request_id = _request_id.set(request.request_id)
+            try:
+                response = self._guest_fault(request)
+            finally:
+                _request_id.reset(request_id)
+            yield response
 
     @_rpc(logging.INFO)
     def AddMemoryDevice(
