@@ -23,6 +23,7 @@ Prints figures; asserts nothing about time (shared 2-core machine).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import statistics
@@ -151,13 +152,35 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] * 1e3
 
 
+def children_private_bytes(pid: int) -> int:
+    """Private memory (not shared with the daemon) of the daemon's forked children now."""
+    total = 0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0
+    for child in children:
+        try:
+            for line in Path(f"/proc/{child}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Private_Dirty:", "Private_Clean:")):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
 def under_load(
-    stub: pb_grpc.TagStorageStub, address: str, seconds: float, what: str
-) -> tuple[list[float], int]:
+    stub: pb_grpc.TagStorageStub, address: str, seconds: float, what: str, pid: int
+) -> tuple[list[float], int, int]:
     """Fault latencies while another client runs ``what`` back to back; returns (latencies,
-    how many ``what`` completed)."""
+    how many ``what`` completed, peak private memory of the daemon's children)."""
     stop = threading.Event()
     done = [0]
+    child_peak = [0]
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            child_peak[0] = max(child_peak[0], children_private_bytes(pid))
 
     def load() -> None:
         with grpc.insecure_channel(address) as channel:
@@ -172,13 +195,36 @@ def under_load(
                         pass
                 done[0] += 1
 
-    thread = threading.Thread(target=load)
-    thread.start()
+    threads = [threading.Thread(target=load), threading.Thread(target=watch)]
+    for thread in threads:
+        thread.start()
     try:
-        return fault_latencies(stub, seconds), done[0]
+        return fault_latencies(stub, seconds), done[0], child_peak[0]
     finally:
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
+
+
+def fork_ms(memory_bytes: int, repeat: int = 20) -> list[float]:
+    """Milliseconds an ``os.fork()`` takes in a process holding a populated host of this size
+    (the time the daemon holds its lock for a check, an export or a snapshot)."""
+    from hostd.model import Access, Host, TagPolicy, VmConfig, default_topology
+
+    host = Host(default_topology(memory_bytes))
+    size = memory_bytes // 2
+    host.create_vm(VmConfig("g", True, TagPolicy.ON_FAULT, size))
+    for off in range(0, size, GiB):
+        host.guest_fault("g", BOOT_RAM_GPA + off, GiB, Access.WRITE)
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        out.append((time.perf_counter() - t0) * 1e3)
+        os.waitpid(pid, 0)
+    return out
 
 
 def main() -> int:
@@ -206,9 +252,15 @@ def main() -> int:
         )
         hwm = {"populated": daemon.hwm_bytes()}
         idle = fault_latencies(stub, args.seconds)
-        during_check, checks = under_load(stub, daemon.address, args.seconds, "check")
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        during_check, checks, check_child = under_load(
+            stub, daemon.address, args.seconds, "check", pid
+        )
         hwm["after checks"] = daemon.hwm_bytes()
-        during_export, exports = under_load(stub, daemon.address, args.seconds, "export")
+        during_export, exports, export_child = under_load(
+            stub, daemon.address, args.seconds, "export", pid
+        )
         hwm["after exports"] = daemon.hwm_bytes()
         print("fault latency of a mapped page (one client, sequential calls):")
         print(f"  idle            p50 {pct(idle, 0.5):6.2f} ms  p99 {pct(idle, 0.99):6.2f} ms")
@@ -255,7 +307,15 @@ def main() -> int:
         )
         for label, value in hwm.items():
             print(f"  {label:28s} {value / pages:5.2f} / {(value - baseline) / pages:5.2f} bytes")
+        print("forked children's private memory per host page, peak (not in the daemon's RSS):")
+        print(f"  {'check':28s} {check_child / pages:5.2f} bytes")
+        print(f"  {'export':28s} {export_child / pages:5.2f} bytes")
         daemon.stop(signal.SIGTERM)
+        forks = fork_ms(memory_bytes)
+        print(
+            f"os.fork() of a process holding this host (half mapped), the time the lock is "
+            f"held: median {statistics.median(forks):.1f} ms, max {max(forks):.1f} ms"
+        )
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()

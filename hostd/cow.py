@@ -44,9 +44,13 @@ _PR_SET_PDEATHSIG = 1
 CHILD_NICENESS = 10
 
 
-def die_with_parent() -> None:
-    """In a forked child: get SIGKILL when the daemon dies (it may hold locks and sockets), and
-    yield the CPU to the daemon's calls."""
+def die_with_parent(keep_fd: int = -1) -> None:
+    """In a forked child: drop every inherited file descriptor but ``keep_fd`` (the state
+    directory's lock, listening sockets: a restarted daemon must not find them held), get
+    SIGKILL when the daemon dies, and yield the CPU to the daemon's calls."""
+    if keep_fd > 3:
+        os.closerange(3, keep_fd)
+    os.closerange(max(3, keep_fd + 1), os.sysconf("SC_OPEN_MAX"))
     with contextlib.suppress(OSError, AttributeError):
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
@@ -83,8 +87,7 @@ def stream_on_copy(lock: threading.Lock, produce: Callable[[], Iterable[bytes]])
     if pid == 0:  # the child
         code = 0
         try:
-            os.close(read_fd)
-            die_with_parent()
+            die_with_parent(keep_fd=write_fd)
             for item in produce():
                 _write_all(write_fd, _LENGTH.pack(len(item)) + item)
         except BaseException:
