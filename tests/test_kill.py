@@ -7,8 +7,9 @@ given the same calls in the same order (the model is deterministic). After every
 daemon's ExportState must equal the expected model's, CheckInvariants must be empty, and every
 tag written and still owned must read back.
 
-CI runs a short form; ``TAGSTORE_KILL_ROUNDS=60 python -m pytest tests/test_kill.py -s --timeout=0`` is the
-long form (bench/README.md). ``TAGSTORE_KILL_SEED`` picks another workload.
+CI runs a short form (6 kills); the long form is
+``TAGSTORE_KILL_ROUNDS=60 python -m pytest tests/test_kill.py -s --timeout=0`` (bench/README.md).
+``TAGSTORE_KILL_SEED`` picks another workload.
 """
 
 from __future__ import annotations
