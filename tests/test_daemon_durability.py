@@ -338,3 +338,20 @@ def test_streamed_fault_retry_with_its_request_id_gets_the_first_result(
         first, again = stub.StreamGuestFaults(iter([request, request]))
         assert MiB // 4096 == first.newly_mapped_pages
         assert first == again
+
+
+def test_sync_always_keeps_state_across_a_reboot(hostd_process: Start, tmp_path: Path) -> None:
+    """--sync always fsyncs every record: its state is trusted after a (faked) reboot."""
+    state, boot = tmp_path / "state", tmp_path / "boot_id"
+    boot.write_text("boot-a\n")
+    env = {"HOSTD_BOOT_ID_FILE": str(boot)}
+    first = hostd_process("--state-dir", str(state), "--sync", "always", env=env)
+    with first.channel() as channel:
+        create(pb_grpc.TagStorageStub(channel), "vm1")
+    kill(first)
+    boot.write_text("boot-b\n")
+
+    second = hostd_process("--state-dir", str(state), "--sync", "always", env=env)
+    with second.channel() as channel:
+        assert ["vm1"] == vm_ids(pb_grpc.TagStorageStub(channel))
+    assert "state_discarded" not in second.stderr()
