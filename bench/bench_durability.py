@@ -23,6 +23,7 @@ Prints figures; asserts nothing about time (shared 2-core machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -155,10 +156,11 @@ def pct(values: list[float], q: float) -> float:
 def children_private_bytes(pid: int) -> int:
     """Private memory (not shared with the daemon) of the daemon's forked children now."""
     total = 0
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0
+    children: list[str] = []
+    # Each thread's children are listed under that thread (the forks come from gRPC threads).
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += (task / "children").read_text().split()
     for child in children:
         try:
             for line in Path(f"/proc/{child}/smaps_rollup").read_text().splitlines():

@@ -936,9 +936,9 @@ class PhysicalMemory:
             step = max(1, REBUILD_CHUNK_PAGES // reg.span_pages)
             for b in range(0, reg.nr_blocks, step):
                 blocks = slice(b, b + step)
-                reg.refcount[blocks] = (d[blocks] == TG_TAGGED).sum(axis=1)
-                reg.span_free[blocks] = (d[blocks] == TG_FREE).sum(axis=1)
-                reg.lent[blocks] = (t[blocks] == TS_LENT).sum(axis=1)
+                reg.refcount[blocks] = np.count_nonzero(d[blocks] == TG_TAGGED, axis=1)
+                reg.span_free[blocks] = np.count_nonzero(d[blocks] == TG_FREE, axis=1)
+                reg.lent[blocks] = np.count_nonzero(t[blocks] == TS_LENT, axis=1)
             reg.nr_reserved = int((t[:, 0] == TS_RESERVED).sum())
             reg.nr_partial = int(((reg.refcount > 0) & (reg.span_free > 0)).sum())
             reg.partial_hint = 0
