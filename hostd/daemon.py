@@ -332,10 +332,13 @@ def _cmd_state_check(args: argparse.Namespace) -> int:
     path = args.dir or default_state_dir()
     try:
         for line in check_state_dir(path):
-            print(line)
+            print(line, flush=True)
     except StateError as e:
         print(f"hostd: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader (`| head`) has what it wanted; say nothing more, not even at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -355,3 +355,24 @@ def test_sync_always_keeps_state_across_a_reboot(hostd_process: Start, tmp_path:
     with second.channel() as channel:
         assert ["vm1"] == vm_ids(pb_grpc.TagStorageStub(channel))
     assert "state_discarded" not in second.stderr()
+
+
+def test_state_check_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    """`hostd state check DIR | head` ends without a traceback when the reader goes away (head
+    -n 0: the reader is gone before the first line)."""
+    state = tmp_path / "state"
+    from hostd.model import default_topology
+    from hostd.store import Store
+
+    Store.open(state, default_topology(1 << 30)).close()
+    result = subprocess.run(
+        f"{sys.executable} -m hostd state check {state} | head -n 0",
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=hostd_env(),
+        check=False,
+    )
+    assert "" == result.stdout
+    assert "" == result.stderr
