@@ -678,3 +678,19 @@ def test_failed_directory_fsync_after_current_moved_loses_no_commit(
         assert ["vm1", "vm2"] == sorted(vm.vm_id for vm in reopened.host.list_vms())
     finally:
         reopened.close()
+
+
+def test_restore_counts_invalid_flags_so_the_check_names_them(state_dir: Path) -> None:
+    """A flag value its range may not hold is still counted on restore (not folded into a
+    valid state): the invariant check reports the invalid pages, not just drifted totals."""
+    host = Host(TOPOLOGY)
+    host.create_vm(VmConfig("vm1", True, TagPolicy.ON_FAULT, 16 * MiB))
+    host.guest_fault("vm1", BOOT_RAM_GPA, MiB, Access.WRITE)
+    state = host.save_state()
+    flags = state.arrays["flags"].copy()
+    flags[0] = 15  # no range holds 15
+    state.arrays["flags"] = flags
+    restored = Host.restore(state)
+    violations = restored.check_invariants()
+    assert any("flags invalid for its kind" in v for v in violations)
+    assert not any("per-state page totals drifted" in v for v in violations)

@@ -923,9 +923,18 @@ class PhysicalMemory:
         """
         self.seg_counts = np.zeros((len(self.segments), NR_FLAGS), dtype=np.int64)
         for s in self.segments:
+            counts = self.seg_counts[s.index]
+            # Counting the few values a range may hold is several times faster than bincount;
+            # bincount only if something else is there (the invariant check will say what).
             for start in range(s.start, s.end, REBUILD_CHUNK_PAGES):
                 chunk = self.flags[start : min(start + REBUILD_CHUNK_PAGES, s.end)]
-                self.seg_counts[s.index] += np.bincount(chunk, minlength=NR_FLAGS)
+                for flag in VALID_FLAGS[s.kind]:
+                    counts[flag] += np.count_nonzero(chunk == flag)
+            if int(counts.sum()) != s.nr_pages:
+                counts[:] = 0
+                for start in range(s.start, s.end, REBUILD_CHUNK_PAGES):
+                    chunk = self.flags[start : min(start + REBUILD_CHUNK_PAGES, s.end)]
+                    counts += np.bincount(chunk, minlength=NR_FLAGS)
             s.hint = 0
         for reg in self.regions:
             d = self.flags[reg.data.start : reg.data.end].reshape(reg.nr_blocks, reg.span_pages)
