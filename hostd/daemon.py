@@ -1,5 +1,5 @@
 """The hostd command line: ``hostd serve`` runs the daemon, ``hostd check-config`` validates a
-topology file.
+topology file, ``hostd state check|reset`` inspects or discards a state directory.
 
 :func:`create_server` builds everything (host or state directory, servicer, health, reflection,
 metrics) and binds the addresses without serving; :func:`serve` runs a built daemon until SIGTERM
@@ -55,6 +55,7 @@ from hostd.api.limits import (
     MAX_MESSAGE_BYTES,
     Limits,
 )
+from hostd.api.requests import RequestWindow
 from hostd.api.servicer import TagStorageServicer
 from hostd.logs import configure_logging, kv
 from hostd.metrics import MetricsHttpServer, TagStoreMetrics
@@ -69,7 +70,15 @@ from hostd.model import (
     parse_size,
 )
 from hostd.model.topology import DEFAULT_MEMORY_BYTES
-from hostd.store import DEFAULT_SNAPSHOT_EVERY, StateError, Store
+from hostd.store import (
+    DEFAULT_SNAPSHOT_EVERY,
+    DEFAULT_SNAPSHOT_JOURNAL_BYTES,
+    StateError,
+    Store,
+    SyncMode,
+    check_state_dir,
+    reset_state_dir,
+)
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
 
@@ -77,8 +86,8 @@ logger = logging.getLogger("hostd.daemon")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
-# The invariant check reads every page under the host lock: often enough to catch a bug
-# early, rarely enough that it stays a small share of the lock's time on a large host.
+# The invariant check reads every page (in a forked child, hostd.cow: it does not hold the
+# lock): often enough to catch a bug early, rarely enough to cost little CPU on a large host.
 DEFAULT_INVARIANT_CHECK_INTERVAL_S = 60.0
 DEFAULT_GRACE_SECONDS = 10.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TagStorage"].full_name
@@ -149,13 +158,23 @@ class Daemon:
         # Leases and source deadlines end by themselves, also right after a restart.
         self.expiry = MigrationExpiry(self.servicer)
         self.expiry.start()
+        state: dict[str, object] = {"state_dir": "none", "ephemeral": "true"}
+        if self.store is not None:
+            report = self.store.report
+            state = {
+                "state_dir": self.store.state_dir,
+                "sync": self.store.sync.value,
+                "restored_vms": report.vms,
+                "replayed": report.replayed,
+                "generation": report.generation,
+            }
         logger.info(
             kv(
                 "serving",
                 address=self.address,
                 metrics=self.metrics_server.url if self.metrics_server else "off",
-                state_dir=self.store.state_dir if self.store else "none",
                 admin_token_file=self.admin_token_path,
+                **state,
             )
         )
 
@@ -192,15 +211,18 @@ def create_server(
     metrics_listen: str = DEFAULT_METRICS_LISTEN,
     state_dir: str | Path | None = None,
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+    snapshot_journal_bytes: int = DEFAULT_SNAPSHOT_JOURNAL_BYTES,
+    sync: SyncMode = SyncMode.NONE,
     invariant_check_interval_s: float = DEFAULT_INVARIANT_CHECK_INTERVAL_S,
     admin_token_file: str | Path | None = None,
     limits: Limits | None = None,
 ) -> Daemon:
     """Build a daemon for ``topology`` and bind ``listen`` (and ``metrics_listen`` unless "").
 
-    With ``state_dir`` the host is loaded from (and saved to) that directory. The admin token is
-    read from (or made at) ``admin_token_file``, default :func:`default_admin_token_path`.
-    Raises :class:`~hostd.store.StateError`, :class:`ListenError` or
+    With ``state_dir`` the host is loaded from (and saved to) that directory; without it the
+    host lives only as long as the process. The admin token is read from (or made at)
+    ``admin_token_file``, default :func:`default_admin_token_path`. Raises
+    :class:`~hostd.store.StateError`, :class:`ListenError` or
     :class:`~hostd.api.auth.CredentialError` with a message fit for an operator; nothing is
     left bound or locked then.
     """
@@ -212,8 +234,17 @@ def create_server(
     token_path = (
         Path(admin_token_file) if admin_token_file else default_admin_token_path(state_path)
     )
+    requests = RequestWindow()
     if state_path is not None:
-        store = Store.open(state_path, topology, placement, snapshot_every=snapshot_every)
+        store = Store.open(
+            state_path,
+            topology,
+            placement,
+            snapshot_every=snapshot_every,
+            snapshot_journal_bytes=snapshot_journal_bytes,
+            sync=sync,
+            requests=requests,
+        )
         host = store.host
     else:
         host = Host(topology, placement)
@@ -227,7 +258,15 @@ def create_server(
         )
         return loop_thread.run(
             _bind(
-                host, lock, store, metrics, config, metrics_listen, credentials, limits or Limits()
+                host,
+                lock,
+                store,
+                requests,
+                metrics,
+                config,
+                metrics_listen,
+                credentials,
+                limits or Limits(),
             )
         )._built(loop_thread, token_path)
     except BaseException:
@@ -356,6 +395,7 @@ async def _bind(
     host: Host,
     lock: threading.Lock,
     store: Store | None,
+    requests: RequestWindow,
     metrics: TagStoreMetrics,
     config: ListenConfig,
     metrics_listen: str,
@@ -363,7 +403,9 @@ async def _bind(
     limits: Limits,
 ) -> _Bound:
     listen = config.listen
-    servicer = TagStorageServicer(host, lock, credentials=credentials, journal=store, limits=limits)
+    servicer = TagStorageServicer(
+        host, lock, credentials=credentials, journal=store, requests=requests, limits=limits
+    )
     server = grpc.aio.server(
         interceptors=[metrics.aio_server_interceptor()],
         options=[
@@ -468,12 +510,26 @@ def _topology_from_args(args: argparse.Namespace) -> HostTopology:
     return default_topology(memory, page_size, tag_storage_mode=mode)
 
 
+def default_state_dir() -> Path:
+    """Where ``hostd serve`` keeps its state without ``--state-dir``: ``$STATE_DIRECTORY``
+    (systemd's ``StateDirectory=``; its first entry), else ``$XDG_STATE_HOME/tagstore``, else
+    ``~/.local/state/tagstore``."""
+    systemd = os.environ.get("STATE_DIRECTORY", "")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    if xdg:
+        return Path(xdg) / "tagstore"
+    return Path.home() / ".local" / "state" / "tagstore"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         topology = _topology_from_args(args)
     except ConfigError as e:
         print(f"hostd: invalid configuration: {e}", file=sys.stderr)
         return 2
+    state_dir = None if args.ephemeral else (args.state_dir or default_state_dir())
     try:
         daemon = create_server(
             topology,
@@ -482,8 +538,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 args.listen, args.socket_group, args.tls_cert, args.tls_key, args.tls_client_ca
             ),
             metrics_listen=args.metrics_listen,
-            state_dir=args.state_dir,
+            state_dir=state_dir,
             snapshot_every=args.snapshot_every,
+            snapshot_journal_bytes=args.snapshot_journal_bytes,
+            sync=SyncMode(args.sync),
             invariant_check_interval_s=args.invariant_check_interval,
             admin_token_file=args.admin_token_file,
             limits=Limits(
@@ -522,6 +580,30 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_state_check(args: argparse.Namespace) -> int:
+    path = args.dir or default_state_dir()
+    try:
+        for line in check_state_dir(path):
+            print(line, flush=True)
+    except StateError as e:
+        print(f"hostd: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader (`| head`) has what it wanted; say nothing more, not even at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _cmd_state_reset(args: argparse.Namespace) -> int:
+    path = args.dir or default_state_dir()
+    try:
+        print(reset_state_dir(path, force=args.force))
+    except (StateError, OSError) as e:
+        print(f"hostd: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hostd`` argument parser."""
     parser = argparse.ArgumentParser(prog="hostd", description=__doc__.split("\n\n")[0])
@@ -556,7 +638,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_METRICS_LISTEN,
         help='host:port (default loopback); "" disables',
     )
-    s.add_argument("--state-dir", type=Path, help="persist state here (snapshot + journal)")
+    s.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep state here (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/tagstore, else "
+        "~/.local/state/tagstore)",
+    )
+    s.add_argument(
+        "--ephemeral", action="store_true", help="keep no state: it ends with the process"
+    )
+    s.add_argument(
+        "--sync",
+        choices=[m.value for m in SyncMode],
+        default=SyncMode.NONE.value,
+        help="fsync journal records before replying: 'always' survives power loss (and keeps "
+        "state across reboots); 'none' (default) survives the process being killed",
+    )
     s.add_argument("--memory", help="built-in host: RAM size, e.g. 64GiB (default 64GiB)")
     s.add_argument("--page-size", choices=["4K", "16K", "64K"], help="built-in host (default 4K)")
     s.add_argument("--tag-storage", choices=sorted(_TAG_STORAGE_MODES), help="built-in host")
@@ -567,14 +664,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_INVARIANT_CHECK_INTERVAL_S,
         metavar="SECONDS",
-        help="check every invariant this often, under the host lock (0: only at start). "
-        "The check reads every page: ~0.5 s on the default host, ~10 s on 1 TiB",
+        help="check every invariant this often (0: only at start), in a forked child so that "
+        "calls do not wait. It reads every page: ~0.5 s on the default host, ~10 s on 1 TiB",
     )
     s.add_argument(
         "--snapshot-every",
         type=int,
         default=DEFAULT_SNAPSHOT_EVERY,
-        help="snapshot after this many journal entries",
+        help="snapshot after this many journal records",
+    )
+    s.add_argument(
+        "--snapshot-journal-bytes",
+        type=int,
+        default=DEFAULT_SNAPSHOT_JOURNAL_BYTES,
+        metavar="BYTES",
+        help="snapshot once the journal holds this many bytes",
     )
     for flag, default, what in (
         ("--max-vms", DEFAULT_MAX_VMS, "VMs on the host"),
@@ -589,6 +693,20 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s.add_argument(flag, type=int, default=default, metavar="N", help=f"cap on {what}")
     s.set_defaults(func=_cmd_serve)
+
+    st = commands.add_parser("state", help="inspect or discard a state directory")
+    state_commands = st.add_subparsers(dest="state_command", required=True)
+    sc = state_commands.add_parser(
+        "check", help="verify a state directory as `serve` would load it, without serving"
+    )
+    sc.add_argument("dir", type=Path, nargs="?", help="default: the default state directory")
+    sc.set_defaults(func=_cmd_state_check)
+    sr = state_commands.add_parser(
+        "reset", help="discard a state directory's state (moved aside unless --force)"
+    )
+    sr.add_argument("dir", type=Path, nargs="?", help="default: the default state directory")
+    sr.add_argument("--force", action="store_true", help="delete instead of moving aside")
+    sr.set_defaults(func=_cmd_state_reset)
 
     c = commands.add_parser("check-config", help="validate a topology TOML file")
     c.add_argument("file", type=Path)
@@ -620,6 +738,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             if getattr(args, flag) < 1:
                 parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.command == "serve" and args.snapshot_journal_bytes < 1:
+        parser.error("--snapshot-journal-bytes must be at least 1")
+    if args.command == "serve" and args.ephemeral and args.state_dir is not None:
+        parser.error("--ephemeral and --state-dir exclude each other")
     configure_logging(args.log_level)
     code: int = args.func(args)
     return code

@@ -2,15 +2,16 @@
 daemon as a subprocess) → ``daemon`` (one running daemon per module) → ``stub`` → ``vm``.
 
 The daemon is always ``python -m hostd serve`` on a unix socket in a short temp dir (socket paths
-are limited to 107 bytes, pytest's tmp_path can be longer), with a small host (``--memory 4GiB``)
-and metrics off unless a test asks for them.
+are limited to 107 bytes, pytest's tmp_path can be longer), with a small host (``--memory 4GiB``),
+its own fresh state directory there (durable, as deployed) and metrics off unless a test asks
+for them. No daemon a test starts ever sees the user's default state directory: the environment
+it gets points ``$XDG_STATE_HOME`` into a temp dir and has no ``$STATE_DIRECTORY``.
 
 Credentials: every daemon of the session shares one admin token (``ADMIN_TOKEN``, written to
 ``<short_tmp>/admin.token`` before the first daemon starts and passed as ``--admin-token-file``;
 ``RUNTIME_DIRECTORY`` points there too, so daemons that tools under test start themselves find
-it). Channels from :meth:`HostdProcess.channel` carry it. Code under test that makes its own
-channels (vmm_shim) gets it attached by :func:`_attach_admin_token` unless it sends a token of its
-own; ``raw_channel`` makes a channel without it, for tests of refusals.
+it). Channels from :meth:`HostdProcess.channel` carry it; clients under test (vmm_shim) must send
+it themselves; ``raw_channel`` makes a channel without it, for tests of refusals.
 """
 
 from __future__ import annotations
@@ -118,7 +119,18 @@ class HostdProcess:
         return self.proc.wait(timeout)
 
 
-def run_hostd(*args: str, timeout: float = STARTUP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+_XDG_STATE_HOME = tempfile.mkdtemp(prefix="hostd-xdg-", dir="/tmp")
+
+
+def hostd_env(**extra: str) -> dict[str, str]:
+    """The environment of a daemon a test starts: never the user's state directory."""
+    env = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+    return {**env, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": _XDG_STATE_HOME, **extra}
+
+
+def run_hostd(
+    *args: str, timeout: float = STARTUP_TIMEOUT_S, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m hostd ARGS`` to completion (for commands that exit on their own)."""
     return subprocess.run(
         [sys.executable, "-m", "hostd", *args],
@@ -127,6 +139,7 @@ def run_hostd(*args: str, timeout: float = STARTUP_TIMEOUT_S) -> subprocess.Comp
         text=True,
         timeout=timeout,
         check=False,
+        env=env or hostd_env(),
     )
 
 
@@ -176,20 +189,26 @@ def _attach_admin_token(short_tmp: Path, admin_token_file: Path) -> Iterator[Non
 
 @pytest.fixture(scope="session")
 def hostd_process(short_tmp: Path, admin_token_file: Path) -> Iterator[Callable[..., HostdProcess]]:
-    """Factory: ``hostd_process(*extra_args, wait=True)`` starts a daemon and returns it.
+    """Factory: ``hostd_process(*extra_args, wait=True, env=None)`` starts a daemon and returns
+    it.
 
-    Defaults: a fresh unix socket, ``--memory 4GiB``, metrics off, the session's admin token.
-    Pass ``--listen``, ``--memory`` or ``--admin-token-file`` in ``extra_args`` to override.
+    Defaults: a fresh unix socket, a fresh ``--state-dir``, ``--memory 4GiB``, metrics off, the
+    session's admin token. Pass ``--listen``, ``--state-dir`` (or ``--ephemeral``), ``--memory``
+    or ``--admin-token-file`` in ``extra_args`` to override; ``env`` adds environment variables.
     Every daemon still running at the end of the session is killed (by its pid).
     """
     started: list[HostdProcess] = []
     counter = itertools.count()
 
-    def start(*extra_args: str, wait: bool = True) -> HostdProcess:
+    def start(
+        *extra_args: str, wait: bool = True, env: dict[str, str] | None = None
+    ) -> HostdProcess:
         n = next(counter)
         args = list(extra_args)
         if "--listen" not in args:
             args += ["--listen", f"unix:{short_tmp}/hostd-{n}.sock"]
+        if "--state-dir" not in args and "--ephemeral" not in args:
+            args += ["--state-dir", str(short_tmp / f"state-{n}")]
         if "--memory" not in args and "--config" not in args:
             args += ["--memory", "4GiB"]
         if "--metrics-listen" not in args:
@@ -205,7 +224,7 @@ def hostd_process(short_tmp: Path, admin_token_file: Path) -> Iterator[Callable[
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=hostd_env(**(env or {})),
             )
         daemon = HostdProcess(proc, address, stderr_path, args)
         started.append(daemon)

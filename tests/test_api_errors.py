@@ -16,6 +16,7 @@ from hostd.model.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    StateUnavailableError,
     TagStoreError,
 )
 
@@ -77,6 +78,13 @@ def _decode(status: grpc.Status) -> tuple[status_pb2.Status, error_details_pb2.E
             id="resource_exhausted",
         ),
         pytest.param(
+            StateUnavailableError("disk full", reason="STATE_UNWRITABLE", journal="/s/j"),
+            grpc.StatusCode.UNAVAILABLE,
+            "STATE_UNWRITABLE",
+            {"journal": "/s/j"},
+            id="state_unavailable",
+        ),
+        pytest.param(
             TagStoreError("unclassified refusal", reason="SOMETHING"),
             grpc.StatusCode.INTERNAL,
             "SOMETHING",
@@ -109,6 +117,7 @@ def test_every_error_class_of_the_model_has_a_row() -> None:
         AlreadyExistsError,
         FailedPreconditionError,
         ResourceExhaustedError,
+        StateUnavailableError,
         TagStoreError,
     }
     assert classes == {cls for cls, _ in STATUS_CODES}

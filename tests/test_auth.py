@@ -89,16 +89,29 @@ def test_only_digests_are_persisted_and_they_survive_a_reopen(tmp_path: Path) ->
 
 
 def test_a_revoked_or_replaced_token_is_unknown(creds: Credentials) -> None:
-    """DestroyVm revokes, even a token that authenticated a moment ago; a new VM of the same id
-    gets a token of its own."""
+    """DestroyVm revokes, even a token that authenticated a moment ago: it may then only repeat
+    a remembered call of its own (the servicer checks that), never act on a VM; a new VM of the
+    same id gets a token of its own."""
     old = creds.new_vm_token()
     creds.register_vm("vm1", old)
     assert "vm1" == creds.authenticate(_md(f"Bearer {old}")).vm_id  # now remembered
     creds.revoke_vm("vm1")
+    revoked = creds.authenticate(_md(f"Bearer {old}"))
+    assert revoked.revoked
     with pytest.raises(UnauthenticatedError):
-        creds.authenticate(_md(f"Bearer {old}"))
+        creds.require_vm(revoked, "vm1", "GetVm")
+    with pytest.raises(UnauthenticatedError):
+        creds.require_admin(revoked, "GetHost")
     new = creds.new_vm_token()
     creds.register_vm("vm1", new)
     assert "vm1" == creds.authenticate(_md(f"Bearer {new}")).vm_id
     with pytest.raises(UnauthenticatedError):
-        creds.authenticate(_md(f"Bearer {old}"))
+        creds.require_vm(creds.authenticate(_md(f"Bearer {old}")), "vm1", "GetVm")
+
+
+def test_a_vm_token_derived_from_a_request_id_is_the_same_on_a_retry(creds: Credentials) -> None:
+    """A retried CreateVm (same request_id) answers the same token; another request, another
+    token; without a request_id tokens are random."""
+    assert creds.new_vm_token("vm1", "req-1") == creds.new_vm_token("vm1", "req-1")
+    assert creds.new_vm_token("vm1", "req-1") != creds.new_vm_token("vm1", "req-2")
+    assert creds.new_vm_token("vm1") != creds.new_vm_token("vm1")

@@ -13,6 +13,7 @@ from hostd.api.servicer import _EventQueue
 from hostd.daemon import Daemon, create_server
 from hostd.model import Event, default_topology
 from hostd.model.events import EVENT_FAULT, EVENT_VM_CREATED
+from hostd.store import unseal
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
 from tests.conftest import ADMIN_TOKEN, token_channel
@@ -62,9 +63,9 @@ def test_port_zero_is_resolved_to_the_bound_port(daemon: Daemon) -> None:
     assert 1 * GiB == host.total_bytes
 
 
-def test_successful_mutations_are_journaled_in_call_order_and_refusals_are_not(
-    daemon: Daemon,
-) -> None:
+def test_mutations_are_journaled_in_call_order_with_refusals_aborted(daemon: Daemon) -> None:
+    """Every mutating call is recorded ahead of running; a refused one is followed by its
+    abort record; reads are not recorded."""
     with token_channel(daemon.address, ADMIN_TOKEN) as channel:
         stub = pb_grpc.TagStorageStub(channel)
         stub.CreateVm(pb.CreateVmRequest(vm_id="a", boot_memory_bytes=4 * MiB))
@@ -74,7 +75,7 @@ def test_successful_mutations_are_journaled_in_call_order_and_refusals_are_not(
         stub.DestroyVm(pb.DestroyVmRequest(vm_id="a"))
     assert daemon.store is not None
     journal = daemon.store.state_dir / f"journal-{daemon.store.generation:08d}.jsonl"
-    methods = [
-        line.split('"method":"')[1].split('"')[0] for line in journal.read_text().splitlines()
+    entries = [unseal(line) for line in journal.read_bytes().splitlines()]
+    assert [("create_vm", None), ("create_vm", None), (None, 2), ("destroy_vm", None)] == [
+        (e.get("method"), e.get("abort")) for e in entries
     ]
-    assert ["create_vm", "destroy_vm"] == methods

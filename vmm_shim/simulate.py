@@ -174,6 +174,7 @@ class HostdServer:
             str(self.token_path),
             "--metrics-listen",
             "",
+            "--ephemeral",  # a simulation's host is thrown away with it
             "--memory",
             str(self.config.memory),
             "--page-size",

@@ -21,6 +21,8 @@ event or an error message: errors say which kind of credential was refused, not 
 
 from __future__ import annotations
 
+import base64
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -44,6 +46,8 @@ METADATA_KEY = "authorization"
 _SCHEME = "bearer "
 _ADMIN_PREFIX = "tsa_"
 _VM_PREFIX = "tsv_"
+# Revoked tokens remembered so that a destroyed VM's VMM can still retry its DestroyVm.
+MAX_REVOKED_REMEMBERED = 1024
 # A bearer value longer than this is not one of ours; refuse it before hashing.
 MAX_TOKEN_CHARS = 128
 
@@ -72,6 +76,9 @@ class Principal:
 
     admin: bool
     vm_id: str = ""
+    # The token of a destroyed VM (revoked lately): it may only repeat a remembered call of its
+    # own (an idempotent retry, AIP-155), never act on a VM.
+    revoked: bool = False
 
     @property
     def name(self) -> str:
@@ -122,6 +129,8 @@ class Credentials:
         self._vm_tokens_path = vm_tokens_path
         self._digest_of_vm: dict[str, str] = {}
         self._vm_of_digest: dict[str, str] = {}
+        # Digests of tokens revoked lately, oldest first (memory only, bounded).
+        self._revoked: collections.OrderedDict[str, str] = collections.OrderedDict()
         # Header values that authenticated, so that the fault path hashes a token once, not per
         # call. Only successes are kept (its size is bounded by the tokens issued) and it is
         # emptied whenever a token is issued or revoked. A dict lookup compares a keyed string
@@ -207,6 +216,8 @@ class Credentials:
         # A dict lookup by digest is not constant-time in the digest, which is harmless: timing
         # could reveal a prefix of a SHA-256 digest, which says nothing about a token.
         vm_id = self._vm_of_digest.get(digest)
+        if vm_id is None and digest in self._revoked:
+            return Principal(admin=False, vm_id=self._revoked[digest], revoked=True)
         if vm_id is None or not hmac.compare_digest(self._digest_of_vm.get(vm_id, ""), digest):
             raise UnauthenticatedError("unknown token (not issued by this daemon, or revoked)")
         return Principal(admin=False, vm_id=vm_id)
@@ -214,40 +225,62 @@ class Credentials:
     @staticmethod
     def require_admin(principal: Principal, what: str) -> None:
         """Refuse a VM token for a host-scoped call."""
+        if principal.revoked:
+            raise UnauthenticatedError("unknown token (not issued by this daemon, or revoked)")
         if not principal.admin:
             raise PermissionDeniedError(f"{what} needs the admin token; a VM token was sent")
 
     @staticmethod
     def require_vm(principal: Principal, vm_id: str, what: str) -> None:
         """Refuse a token that is neither the admin token nor the token of VM ``vm_id``."""
+        if principal.revoked:
+            raise UnauthenticatedError("unknown token (not issued by this daemon, or revoked)")
         if not principal.admin and principal.vm_id != vm_id:
             # The VM named in the request is not echoed: it may be anything a client sent.
             raise PermissionDeniedError(f"{what}: the token sent is another VM's token")
 
-    @staticmethod
-    def new_vm_token() -> str:
-        """A fresh VM token (not yet valid: :meth:`register_vm` makes it so)."""
-        return _VM_PREFIX + secrets.token_urlsafe(32)
+    def new_vm_token(self, vm_id: str = "", request_id: str = "") -> str:
+        """A VM token (not yet valid: :meth:`register_vm` makes it so). With a ``request_id``
+        it is derived from the request (keyed by the admin credential), so that a retried
+        CreateVm answers the same token without any token being stored; otherwise random."""
+        if not request_id:
+            return _VM_PREFIX + secrets.token_urlsafe(32)
+        mac = hmac.new(
+            bytes.fromhex(self._admin_digest), f"{vm_id}\0{request_id}".encode(), hashlib.sha256
+        )
+        return _VM_PREFIX + base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
 
     def register_vm(self, vm_id: str, token: str) -> None:
-        """Make ``token`` the one token of ``vm_id`` (durably, with a state directory)."""
-        self._forget(vm_id)
+        """Make ``token`` the one token of ``vm_id`` (durably, with a state directory). Raises
+        OSError if it cannot be saved; a token left behind for a VM that was then not created
+        is harmless (it can act on no VM, and the next VM of that id replaces it)."""
         digest = _digest(token)
+        if self._digest_of_vm.get(vm_id) == digest:
+            return
+        self._forget(vm_id)
+        self._revoked.pop(digest, None)
         self._digest_of_vm[vm_id] = digest
         self._vm_of_digest[digest] = vm_id
         self._invalidate()
         self._save()
 
     def revoke_vm(self, vm_id: str) -> None:
-        """Forget the token of a destroyed VM: a later VM of the same id gets a new one."""
+        """Forget the token of a destroyed VM: a later VM of the same id gets a new one. Saved
+        as best it can: a revoked token left in the file can act on no VM."""
         if self._forget(vm_id):
-            self._save()
+            try:
+                self._save()
+            except OSError as e:
+                logger.warning(kv("vm_tokens_save_failed", error=e.strerror))
 
     def _forget(self, vm_id: str) -> bool:
         digest = self._digest_of_vm.pop(vm_id, None)
         if digest is None:
             return False
         self._vm_of_digest.pop(digest, None)
+        self._revoked[digest] = vm_id
+        while len(self._revoked) > MAX_REVOKED_REMEMBERED:
+            self._revoked.popitem(last=False)
         self._invalidate()
         return True
 

@@ -28,6 +28,7 @@ from hostd.model.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    StateUnavailableError,
     TagStoreError,
 )
 
@@ -42,6 +43,7 @@ STATUS_CODES: tuple[tuple[type[TagStoreError], grpc.StatusCode], ...] = (
     (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StateUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (TagStoreError, grpc.StatusCode.INTERNAL),
 )
 AUTH_STATUS_CODES: tuple[tuple[type[AuthError], grpc.StatusCode], ...] = (

@@ -35,24 +35,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import grpc
 import grpc.aio
 
 from hostd.api import convert
-from hostd.api.auth import AuthError, Credentials, Principal
+from hostd.api.auth import AuthError, Credentials, Principal, UnauthenticatedError
 from hostd.api.errors import to_grpc_status
 from hostd.api.limits import Limits, StreamSlots, check_id
+from hostd.api.requests import MISS, RequestWindow
+from hostd.cow import call_on_copy, stream_on_copy
 from hostd.logs import kv
 from hostd.model import Host
-from hostd.model.errors import TagStoreError
+from hostd.model.errors import StateUnavailableError, TagStoreError
 from hostd.model.events import EVENT_FAULT, Event
 from hostd.model.types import TagCopyDirection
 from tagstore.v1 import tagstore_pb2 as pb
@@ -96,14 +99,30 @@ _RANGED: frozenset[Callable[..., Any]] = frozenset({Host.guest_fault, Host.copy_
 
 
 class Journal(Protocol):
-    """Where successful mutating calls are recorded (:class:`hostd.store.Store`)."""
+    """Where mutating calls are recorded, ahead of running them (:class:`hostd.store.Store`)."""
 
-    def prepare(self, method: str, args: tuple[object, ...]) -> str | None:
-        """The record for a call, or None if ``method`` is not journaled. Called before the
-        call; raises if the record could not be made durable, so that nothing changes then."""
+    @property
+    def syncs(self) -> bool:
+        """Whether :meth:`wait_durable` may block (fsync, ``--sync always``)."""
 
-    def commit(self, record: str) -> None:
-        """Make a prepared record durable; called after the call succeeded, before the reply."""
+    def begin(self, method: str, args: tuple[object, ...], request_id: str) -> Any:
+        """Record a call before it runs; returns a ticket, or None if ``method`` is not
+        journaled. Raises (StateUnavailableError) if the record cannot be written: the call
+        must not run then, and nothing has changed."""
+
+    def abort(self, ticket: Any) -> None:
+        """The call of ``ticket`` raised (it changed nothing)."""
+
+    def commit(self, ticket: Any) -> int:
+        """The call of ``ticket`` succeeded; returns a token for :meth:`wait_durable`."""
+
+    def wait_durable(self, token: int) -> None:
+        """Return once the records up to ``token`` are as durable as configured (called
+        without the lock, so that concurrent calls share one fsync)."""
+
+
+# The request_id of the call being served (AIP-155), set per unary call and per stream message.
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
 class _CallerGone(Exception):
@@ -120,6 +139,7 @@ def _rpc(level: int) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
         async def wrapper(
             self: TagStorageServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> T:
+            request_id = _request_id.set(getattr(request, "request_id", ""))
             try:
                 response = await handler(self, request, context)
             except (TagStoreError, AuthError) as error:
@@ -128,6 +148,8 @@ def _rpc(level: int) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
                 await _abort_gone(context, name)
             except Exception as error:
                 await _abort_internal(context, name, error)
+            finally:
+                _request_id.reset(request_id)
             # Faults run at thousands a second: build the line only if it will be written.
             if logger.isEnabledFor(level):
                 logger.log(level, kv("rpc", rpc=name, code="OK", **_ids(request)))
@@ -271,12 +293,14 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         *,
         credentials: Credentials,
         journal: Journal | None = None,
+        requests: RequestWindow | None = None,
         limits: Limits | None = None,
     ) -> None:
         self.host = host
         self.lock = lock if lock is not None else threading.Lock()
         self._credentials = credentials
         self._journal = journal
+        self._requests = requests if requests is not None else RequestWindow()
         self._limits = limits if limits is not None else Limits()
         self._streams = StreamSlots(self._limits)
         self._model_thread = futures.ThreadPoolExecutor(1, thread_name_prefix=MODEL_THREAD)
@@ -309,6 +333,17 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
     ) -> None:
         principal = self._principal(context)
         what = method.__name__
+        if principal.revoked:
+            # A destroyed VM's token may only repeat one of its remembered calls (its DestroyVm
+            # whose answer was lost): that returns the first answer and changes nothing.
+            request_id = _request_id.get()
+            try:
+                remembered = request_id and self._requests.lookup(request_id, what, args)
+            except TagStoreError:
+                remembered = MISS
+            if not remembered or remembered is MISS:
+                raise UnauthenticatedError("unknown token (not issued by this daemon, or revoked)")
+            return
         if method in HOST_SCOPED:
             self._credentials.require_admin(principal, what)
             return
@@ -326,31 +361,49 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         method: Callable[..., T],
         *args: object,
         on_success: Callable[[T], None] | None = None,
+        before: Callable[[], None] | None = None,
     ) -> T:
-        """Authorize, then call a model method under the lock; journal it if it changed state.
+        """Authorize, then call a model method under the lock, journaled ahead if it may
+        change state.
 
-        A refused call changes nothing, so only successful calls are committed; the commit
-        (and ``on_success``, which persists credentials) is durable before the caller can send
-        the reply.
+        A retry of a remembered ``request_id`` gets the first answer and runs nothing (but
+        ``on_success`` again: a retried CreateVm gets a fresh token, the one lost with the first
+        answer is forgotten). The record is written before the call runs (a call that cannot be
+        recorded is refused having changed nothing), and is as durable as configured before the
+        reply; ``on_success`` (which persists credentials) runs before the reply too.
         """
         self._authorize(context, method, args)
         deadline = _deadline(context)
         if _expired(deadline) or context.cancelled():
             raise _CallerGone
+        request_id = _request_id.get()
         if method in EXPENSIVE:
             # One at a time: a burst of checks queues here, on the loop, where a caller that
-            # gives up costs nothing (its coroutine is cancelled).
+            # gives up costs nothing (its coroutine is cancelled). They read a copy-on-write
+            # image of the host (hostd.cow): the lock is held only for the fork, so neither the
+            # loop nor the model thread waits for them.
             async with self._expensive:
-                return await self._on_model_thread(context, deadline, method, args, on_success)
+                if _expired(deadline) or context.cancelled():
+                    raise _CallerGone
+                work = functools.partial(method, self.host, *args)
+                return await asyncio.to_thread(call_on_copy, self.lock, work)
         if self._queued == 0 and self._cheap(method, args) and self.lock.acquire(blocking=False):
             try:
-                return self._locked(method, args, on_success)
+                result, token = self._locked(method, args, on_success, request_id, before)
             finally:
                 self.lock.release()
-        return await self._on_model_thread(context, deadline, method, args, on_success)
+        else:
+            result, token = await self._on_model_thread(
+                context, deadline, method, args, on_success, request_id, before
+            )
+        if token is not None and self._journal is not None and self._journal.syncs:
+            # Outside the lock: concurrent calls share one fsync (group commit).
+            await asyncio.to_thread(self._journal.wait_durable, token)
+        return result
 
     def _cheap(self, method: Callable[..., Any], args: tuple[object, ...]) -> bool:
-        if method in _RANGED and self._journal is None:
+        # A journal that fsyncs makes every mutation wait: those go through the model thread.
+        if method in _RANGED and (self._journal is None or not self._journal.syncs):
             length = args[2]
             return isinstance(length, int) and length <= INLINE_MAX_BYTES
         return False
@@ -360,16 +413,35 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         method: Callable[..., T],
         args: tuple[object, ...],
         on_success: Callable[[T], None] | None,
-    ) -> T:
-        """The model call itself; the caller holds the lock."""
+        request_id: str,
+        before: Callable[[], None] | None = None,
+    ) -> tuple[T, int | None]:
+        """The model call itself, and the token of its journal record; the caller holds the
+        lock."""
+        name = method.__name__
+        answer = self._requests.lookup(request_id, name, args) if request_id else MISS
+        if answer is not MISS:
+            remembered = cast(T, answer)
+            if on_success is not None:
+                on_success(remembered)
+            return remembered, None
         self._check_limits(method, args)
-        record = self._journal.prepare(method.__name__, args) if self._journal else None
-        result = method(self.host, *args)
-        if record is not None and self._journal is not None:
-            self._journal.commit(record)
+        if before is not None:
+            before()
+        journal = self._journal
+        ticket = journal.begin(name, args, request_id) if journal is not None else None
+        try:
+            result = method(self.host, *args)
+        except BaseException:
+            if ticket is not None and journal is not None:
+                journal.abort(ticket)
+            raise
+        token = journal.commit(ticket) if ticket is not None and journal is not None else None
+        if request_id:
+            self._requests.remember(request_id, name, args, result)
         if on_success is not None:
             on_success(result)
-        return result
+        return result, token
 
     def _check_limits(self, method: Callable[..., Any], args: tuple[object, ...]) -> None:
         if method is Host.create_vm or method is Host.admit_migration:
@@ -386,17 +458,19 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         method: Callable[..., T],
         args: tuple[object, ...],
         on_success: Callable[[T], None] | None,
-    ) -> T:
+        request_id: str,
+        before: Callable[[], None] | None,
+    ) -> tuple[T, int | None]:
         gone = threading.Event()
 
-        def run() -> T:
+        def run() -> tuple[T, int | None]:
             while not self.lock.acquire(timeout=_LOCK_POLL_SECONDS):
                 if gone.is_set() or _expired(deadline):
                     raise _CallerGone
             try:
                 if gone.is_set() or _expired(deadline):
                     raise _CallerGone
-                return self._locked(method, args, on_success)
+                return self._locked(method, args, on_success, request_id, before)
             finally:
                 self.lock.release()
 
@@ -440,13 +514,23 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         self, request: pb.CreateVmRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Vm:
         config = convert.vm_config_from_proto(request)
-        token = self._credentials.new_vm_token()
-        vm = await self._call(
-            context,
-            Host.create_vm,
-            config,
-            on_success=lambda vm: self._credentials.register_vm(vm.vm_id, token),
-        )
+        # Derived from the request_id when there is one: a retry answers the same token.
+        token = self._credentials.new_vm_token(config.vm_id, _request_id.get())
+
+        def register() -> None:
+            # Before the VM exists, so that a token that cannot be saved refuses the call with
+            # nothing applied. An existing id is left alone: the model refuses the call.
+            if config.vm_id in self.host.vms:
+                return
+            try:
+                self._credentials.register_vm(config.vm_id, token)
+            except OSError as e:
+                raise StateUnavailableError(
+                    f"the VM's token cannot be saved ({e.strerror}): the call was not made",
+                    reason="STATE_UNWRITABLE",
+                ) from None
+
+        vm = await self._call(context, Host.create_vm, config, before=register)
         answer = convert.vm_to_proto(vm)
         answer.vm_token = token  # the one answer that carries it
         return answer
@@ -500,7 +584,12 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.GuestFaultResponse]:
         async for request in request_iterator:
-            yield await self._guest_fault(request, context)
+            request_id = _request_id.set(request.request_id)
+            try:
+                response = await self._guest_fault(request, context)
+            finally:
+                _request_id.reset(request_id)
+            yield response
 
     @_rpc(logging.INFO)
     async def AddMemoryDevice(
@@ -575,12 +664,23 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
     async def ExportState(
         self, request: pb.ExportStateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ExportStateResponse]:
-        # Built under the lock (a consistent cut), converted and streamed after it is released;
-        # a client that goes away stops the stream at the next chunk.
-        export = await self._call(context, Host.export_state)
-        chunks = await asyncio.to_thread(convert.export_to_proto, export, self.host.page_size)
-        for chunk in chunks:
-            yield chunk
+        # Built by a child on a copy-on-write image (a consistent cut; the lock is held only
+        # for the fork), streamed as the child serialises it; one at a time, like checks. A
+        # client that goes away stops the stream at the next chunk, and the child is killed.
+        self._authorize(context, Host.export_state, ())
+        async with self._expensive:
+            messages = stream_on_copy(self.lock, self._serialized_export)
+            try:
+                while (data := await asyncio.to_thread(next, messages, None)) is not None:
+                    yield pb.ExportStateResponse.FromString(data)
+            finally:
+                await asyncio.to_thread(messages.close)
+
+    def _serialized_export(self) -> Iterator[bytes]:
+        """Run in the copy's process: the export as serialised messages."""
+        export = self.host.export_state()
+        for message in convert.export_to_proto(export, self.host.page_size):
+            yield message.SerializeToString()
 
     @_stream_rpc
     async def WatchEvents(
@@ -743,7 +843,8 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
             deadline = self.host.next_migration_deadline()
             if deadline is None or deadline >= now:
                 return 0
-            return len(self._locked(Host.expire_migrations, (now,), None))
+            result, _ = self._locked(Host.expire_migrations, (now,), None, "")
+            return len(result)
 
     # -- host page migration
 

@@ -10,6 +10,7 @@ from hostd.model.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    StateUnavailableError,
     TagStoreError,
 )
 from hostd.model.events import Event, Subscriber
@@ -88,6 +89,7 @@ __all__ = [
     "RegionStatus",
     "ReservedTagBlock",
     "ResourceExhaustedError",
+    "StateUnavailableError",
     "Subscriber",
     "TagCopyDirection",
     "TagPolicy",

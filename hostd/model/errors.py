@@ -13,7 +13,8 @@ A refused call changes nothing. Guest-protocol outcomes (virtio-mem NACK/ERROR/B
     ├── NotFoundError               no such VM or device
     ├── AlreadyExistsError          VM or device id taken
     ├── FailedPreconditionError     legal value, wrong state (unplugged gpa, non-MTE VM, ...)
-    └── ResourceExhaustedError      taggable memory, tag storage or memory ran out
+    ├── ResourceExhaustedError      taggable memory, tag storage or memory ran out
+    └── StateUnavailableError       the daemon cannot record the call durably (disk full, ...)
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ class ResourceExhaustedError(TagStoreError):
             message, reason=f"{resource.upper()}_EXHAUSTED", resource=resource, **metadata
         )
         self.resource = resource
+
+
+class StateUnavailableError(TagStoreError):
+    """The call could not be recorded durably (the state directory is full or unwritable), so
+    it was not made; retrying later may succeed. Raised by the daemon's store, not the model."""
+
+    reason = "STATE_UNAVAILABLE"
 
 
 # The resources ResourceExhaustedError names.

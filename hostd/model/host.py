@@ -44,6 +44,7 @@ from hostd.model.migration import HostMigration, MigrationState
 from hostd.model.physmem import (
     KIND_TAGGABLE,
     PAGE_STATE_OF_FLAG,
+    REBUILD_CHUNK_PAGES,
     TG_DATA,
     TG_FREE,
     TG_TAGGED,
@@ -904,23 +905,25 @@ class Host(HostMigration, HostPageMigration):
         """The minimal state: page flags, owners, tag reverse map, tags, VM maps and tables.
 
         Everything else (per-block counts, totals, VM accounting) is derived on restore.
+        The arrays are the host's own, not copies (a copy of a 1 TiB host's arrays would double
+        its memory): write them out before the next call changes the host.
         """
         mem = self.mem
         tag_pages, tag_rows = mem.tags.state()
         arrays: dict[str, npt.NDArray[Any]] = {
-            "flags": mem.flags.copy(),
-            "owner": mem.owner.copy(),
-            "ts_gfn": mem.ts_gfn.copy(),
+            "flags": mem.flags,
+            "owner": mem.owner,
+            "ts_gfn": mem.ts_gfn,
             "tags_pages": tag_pages,
             "tags_rows": tag_rows,
         }
         vms: list[dict[str, Any]] = []
         for vm in self._vms.values():
-            arrays[f"vm{vm.slot}_stage2"] = vm.stage2.copy()
+            arrays[f"vm{vm.slot}_stage2"] = vm.stage2
             devices = []
             for i, d in enumerate(vm.devices.values()):
                 if d.is_virtio_mem:
-                    arrays[f"vm{vm.slot}_dev{i}_plugged"] = d.plugged.copy()
+                    arrays[f"vm{vm.slot}_dev{i}_plugged"] = d.plugged
                 devices.append(
                     {
                         "index": i,
@@ -952,10 +955,10 @@ class Host(HostMigration, HostPageMigration):
         host = cls(parse_topology(t["topology"]), Placement(t["placement"]))
         mem = host.mem
         a = state.arrays
-        mem.flags[:] = a["flags"]
-        mem.owner[:] = a["owner"]
-        mem.ts_gfn[:] = a["ts_gfn"]
-        mem.tags.restore(a["tags_pages"], a["tags_rows"])
+        _copy_in_chunks(mem.flags, a["flags"])
+        _copy_in_chunks(mem.owner, a["owner"])
+        _copy_in_chunks(mem.ts_gfn, a["ts_gfn"])
+        mem.tags.restore(np.asarray(a["tags_pages"]), np.asarray(a["tags_rows"]))
         mem.rebuild_derived()
         for entry in t["vms"]:
             cfg = dict(entry["config"])
@@ -973,18 +976,30 @@ class Host(HostMigration, HostPageMigration):
                     d["usable_region_size_bytes"],
                 )
                 if dev.is_virtio_mem:
-                    dev.plugged = a[f"vm{vm.slot}_dev{d['index']}_plugged"].astype(bool)
+                    dev.plugged = np.asarray(a[f"vm{vm.slot}_dev{d['index']}_plugged"], bool)
                 vm.devices[dev.device_id] = dev
-            vm.stage2[:] = a[f"vm{vm.slot}_stage2"]
-            pages = vm.stage2[vm.stage2 != 0].astype(np.int64) - 1
-            vm.mapped_pages = pages.size
-            vm.tagged_pages = int(np.count_nonzero(mem.flags[pages] == TG_TAGGED))
+            _copy_in_chunks(vm.stage2, a[f"vm{vm.slot}_stage2"])
+            vm.mapped_pages = vm.tagged_pages = 0
+            for start in range(0, vm.stage2.size, REBUILD_CHUNK_PAGES):
+                s2 = vm.stage2[start : start + REBUILD_CHUNK_PAGES]
+                pages = s2[s2 != 0].astype(np.int64) - 1
+                vm.mapped_pages += pages.size
+                vm.tagged_pages += int(np.count_nonzero(mem.flags[pages] == TG_TAGGED))
             host._vms[vm.vm_id] = vm
             host._by_slot[vm.slot] = vm
             mem.mte_owner[vm.slot] = vm.config.mte_enabled
         host.counters.load_doc(t["counters"])
         host._restore_migrations(t.get("migrations", []), a)
         return host
+
+
+def _copy_in_chunks(dst: npt.NDArray[Any], src: Any) -> None:
+    """``dst[:] = src`` a chunk at a time: ``src`` may be an array read lazily from a file
+    (the store's), which then never needs a whole-array copy in memory."""
+    if dst.shape != src.shape:
+        raise ValueError(f"saved array of shape {src.shape}, expected {dst.shape}")
+    for start in range(0, dst.size, REBUILD_CHUNK_PAGES):
+        dst[start : start + REBUILD_CHUNK_PAGES] = src[start : start + REBUILD_CHUNK_PAGES]
 
 
 def topology_to_doc(topology: HostTopology) -> dict[str, Any]:

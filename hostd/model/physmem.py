@@ -83,6 +83,8 @@ RESERVE_TRIES = 3
 # Smallest window a free-page scan looks at; scans grow geometrically from a hint.
 SCAN_WINDOW_MIN = 1 << 14
 NO_OWNER = 0
+# Pages per step when counts are rebuilt from the flags: bounds the temporaries of a restore.
+REBUILD_CHUNK_PAGES = 1 << 22
 
 
 @dataclass(eq=False)
@@ -914,20 +916,38 @@ class PhysicalMemory:
     # ----------------------------------------------------------------- restore
 
     def rebuild_derived(self) -> None:
-        """Recompute every derived count from the flags (after a restore)."""
-        nseg = len(self.segments)
-        seg = np.repeat(np.arange(nseg), [s.nr_pages for s in self.segments])
-        self.seg_counts = np.bincount(
-            seg * NR_FLAGS + self.flags, minlength=nseg * NR_FLAGS
-        ).reshape(nseg, NR_FLAGS)
+        """Recompute every derived count from the flags (after a restore).
+
+        In chunks of about :data:`REBUILD_CHUNK_PAGES` pages: a whole-host temporary would cost
+        more memory than the state itself on a large host (the daemon's restart is bounded).
+        """
+        self.seg_counts = np.zeros((len(self.segments), NR_FLAGS), dtype=np.int64)
         for s in self.segments:
+            counts = self.seg_counts[s.index]
+            # Counting the few values a range may hold is several times faster than bincount;
+            # bincount only if something else is there (the invariant check will say what).
+            for start in range(s.start, s.end, REBUILD_CHUNK_PAGES):
+                chunk = self.flags[start : min(start + REBUILD_CHUNK_PAGES, s.end)]
+                for flag in VALID_FLAGS[s.kind]:
+                    counts[flag] += np.count_nonzero(chunk == flag)
+            if int(counts.sum()) != s.nr_pages:
+                counts[:] = 0
+                for start in range(s.start, s.end, REBUILD_CHUNK_PAGES):
+                    chunk = self.flags[start : min(start + REBUILD_CHUNK_PAGES, s.end)]
+                    counts += np.bincount(chunk, minlength=NR_FLAGS)
             s.hint = 0
         for reg in self.regions:
             d = self.flags[reg.data.start : reg.data.end].reshape(reg.nr_blocks, reg.span_pages)
             t = self.flags[reg.tag.start : reg.tag.end].reshape(reg.nr_blocks, reg.block_pages)
-            reg.refcount = (d == TG_TAGGED).sum(axis=1).astype(np.int32)
-            reg.span_free = (d == TG_FREE).sum(axis=1).astype(np.int32)
-            reg.lent = (t == TS_LENT).sum(axis=1).astype(np.int32)
+            reg.refcount = np.empty(reg.nr_blocks, np.int32)
+            reg.span_free = np.empty(reg.nr_blocks, np.int32)
+            reg.lent = np.empty(reg.nr_blocks, np.int32)
+            step = max(1, REBUILD_CHUNK_PAGES // reg.span_pages)
+            for b in range(0, reg.nr_blocks, step):
+                blocks = slice(b, b + step)
+                reg.refcount[blocks] = np.count_nonzero(d[blocks] == TG_TAGGED, axis=1)
+                reg.span_free[blocks] = np.count_nonzero(d[blocks] == TG_FREE, axis=1)
+                reg.lent[blocks] = np.count_nonzero(t[blocks] == TS_LENT, axis=1)
             reg.nr_reserved = int((t[:, 0] == TS_RESERVED).sum())
             reg.nr_partial = int(((reg.refcount > 0) & (reg.span_free > 0)).sum())
             reg.partial_hint = 0

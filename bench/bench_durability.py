@@ -1,0 +1,329 @@
+"""Durability benchmark on a fully populated host: fault latency during an invariant check,
+ExportState and a snapshot; daemon peak memory; restart time to SERVING.
+
+    python bench/bench_durability.py [--memory 256GiB] [--seconds 5]
+
+Starts a real ``hostd serve --memory M --state-dir DIR`` (4 KiB pages), fills every page with
+VM memory over gRPC (MTE guests on most taggable memory, plain guests on the rest, lending tag
+storage), then:
+
+1. Fault latency: p50 / p99 of a mapped-page ``GuestFault`` (one client, sequential) while the
+   daemon is idle, and while another client runs ``CheckInvariants`` / ``ExportState`` back to
+   back, and while snapshots are being written. Goal: p99 during a check within 2x of idle.
+2. Peak memory: the daemon's VmHWM (peak RSS) per host page after populating and after each
+   of the above (its forked children are separate processes: their peak is shown apart).
+   Goal: <= 8 bytes per host page.
+3. Restart: SIGKILL, then time from exec to the health service answering SERVING, with the
+   journal since the last snapshot replayed; and after a graceful stop (a snapshot, empty
+   journal). Goal: <= 5 s for 256 GiB, <= 15 s for 1 TiB.
+
+Prints figures; asserts nothing about time (shared 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hostd.model import parse_size
+from tagstore.v1 import tagstore_pb2 as pb
+from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
+
+BOOT_RAM_GPA = 0x4000_0000
+GiB = 1 << 30
+PAGE = 4096
+
+
+def status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class Daemon:
+    def __init__(self, tmp: Path, memory: str, state: Path) -> None:
+        self.address = f"unix:{tmp}/hostd.sock"
+        self.args = [
+            sys.executable, "-m", "hostd", "serve", "--listen", self.address,
+            "--metrics-listen", "", "--memory", memory, "--state-dir", str(state),
+            "--invariant-check-interval", "3600",
+        ]  # fmt: skip
+        self.log = tmp / "hostd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start; seconds from exec to SERVING."""
+        t0 = time.perf_counter()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stderr=log)
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - t0
+                except grpc.RpcError:
+                    pass
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"hostd exited:\n{self.log.read_text()[-2000:]}")
+                time.sleep(0.02)
+
+    def hwm_bytes(self) -> int:
+        assert self.proc is not None
+        return status_kib(self.proc.pid, "VmHWM") * 1024
+
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        return status_kib(self.proc.pid, "VmRSS") * 1024
+
+    def stop(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=600)
+
+
+def populate(stub: pb_grpc.TagStorageStub, memory_bytes: int) -> int:
+    host = stub.GetHost(pb.GetHostRequest())
+    taggable = sum(r.memory_size for r in host.regions if r.tag_size)
+    mte_vm_bytes = min(56 * GiB, memory_bytes // 16)
+    vms = 0
+
+    def fill(vm_id: str, mte: bool, size: int) -> None:
+        nonlocal vms
+        stub.CreateVm(
+            pb.CreateVmRequest(
+                vm_id=vm_id,
+                mte_enabled=mte,
+                tag_policy=pb.TAG_POLICY_ON_FAULT if mte else pb.TAG_POLICY_UNSPECIFIED,
+                boot_memory_bytes=size,
+            ),
+            timeout=600,
+        )
+        vms += 1
+        for off in range(0, size, GiB):
+            stub.GuestFault(
+                pb.GuestFaultRequest(
+                    vm_id=vm_id,
+                    gpa=BOOT_RAM_GPA + off,
+                    length=min(GiB, size - off),
+                    access=pb.ACCESS_WRITE,
+                ),
+                timeout=600,
+            )
+
+    for i in range(int(taggable * 0.8) // mte_vm_bytes):
+        fill(f"mte{i}", True, mte_vm_bytes)
+    i = 0
+    while (free := stub.GetHost(pb.GetHostRequest()).free_bytes) > 0:
+        fill(f"plain{i}", False, min(free, 64 * GiB))
+        i += 1
+    return vms
+
+
+def fault_latencies(stub: pb_grpc.TagStorageStub, seconds: float) -> list[float]:
+    hot = pb.GuestFaultRequest(vm_id="mte0", gpa=BOOT_RAM_GPA, length=PAGE, access=pb.ACCESS_WRITE)
+    out = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        stub.GuestFault(hot)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] * 1e3
+
+
+def children_private_bytes(pid: int) -> int:
+    """Private memory (not shared with the daemon) of the daemon's forked children now."""
+    total = 0
+    children: list[str] = []
+    # Each thread's children are listed under that thread (the forks come from gRPC threads).
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += (task / "children").read_text().split()
+    for child in children:
+        try:
+            for line in Path(f"/proc/{child}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Private_Dirty:", "Private_Clean:")):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def under_load(
+    stub: pb_grpc.TagStorageStub, address: str, seconds: float, what: str, pid: int
+) -> tuple[list[float], int, int]:
+    """Fault latencies while another client runs ``what`` back to back; returns (latencies,
+    how many ``what`` completed, peak private memory of the daemon's children)."""
+    stop = threading.Event()
+    done = [0]
+    child_peak = [0]
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            child_peak[0] = max(child_peak[0], children_private_bytes(pid))
+
+    def load() -> None:
+        with grpc.insecure_channel(address) as channel:
+            other = pb_grpc.TagStorageStub(channel)
+            while not stop.is_set():
+                if what == "check":
+                    assert not other.CheckInvariants(
+                        pb.CheckInvariantsRequest(), timeout=600
+                    ).violations
+                else:
+                    for _ in other.ExportState(pb.ExportStateRequest(), timeout=600):
+                        pass
+                done[0] += 1
+
+    threads = [threading.Thread(target=load), threading.Thread(target=watch)]
+    for thread in threads:
+        thread.start()
+    try:
+        return fault_latencies(stub, seconds), done[0], child_peak[0]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def fork_ms(memory_bytes: int, repeat: int = 20) -> list[float]:
+    """Milliseconds an ``os.fork()`` takes in a process holding a populated host of this size
+    (the time the daemon holds its lock for a check, an export or a snapshot)."""
+    from hostd.model import Access, Host, TagPolicy, VmConfig, default_topology
+
+    host = Host(default_topology(memory_bytes))
+    size = memory_bytes // 2
+    host.create_vm(VmConfig("g", True, TagPolicy.ON_FAULT, size))
+    for off in range(0, size, GiB):
+        host.guest_fault("g", BOOT_RAM_GPA + off, GiB, Access.WRITE)
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        out.append((time.perf_counter() - t0) * 1e3)
+        os.waitpid(pid, 0)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--memory", default="256GiB")
+    ap.add_argument("--seconds", type=float, default=5.0, help="per latency measurement")
+    args = ap.parse_args()
+    memory_bytes = parse_size("memory", args.memory)
+    pages = memory_bytes // PAGE
+    tmp = Path(tempfile.mkdtemp(prefix="tagstore-durability-"))
+    state = tmp / "state"
+    daemon = Daemon(tmp, args.memory, state)
+    try:
+        first_start = daemon.start()
+        # The process before any page of the host is touched (interpreter, gRPC, empty arrays
+        # not yet faulted in): subtracted to get the state's share, as bench_model.py does.
+        baseline = daemon.rss_bytes()
+        channel = grpc.insecure_channel(daemon.address)
+        stub = pb_grpc.TagStorageStub(channel)
+        t0 = time.perf_counter()
+        vms = populate(stub, memory_bytes)
+        print(
+            f"host: {args.memory}, {pages:,} pages of 4 KiB, {vms} VMs, fully populated over gRPC "
+            f"in {time.perf_counter() - t0:.1f} s (first start {first_start:.2f} s)"
+        )
+        hwm = {"populated": daemon.hwm_bytes()}
+        idle = fault_latencies(stub, args.seconds)
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        during_check, checks, check_child = under_load(
+            stub, daemon.address, args.seconds, "check", pid
+        )
+        hwm["after checks"] = daemon.hwm_bytes()
+        during_export, exports, export_child = under_load(
+            stub, daemon.address, args.seconds, "export", pid
+        )
+        hwm["after exports"] = daemon.hwm_bytes()
+        print("fault latency of a mapped page (one client, sequential calls):")
+        print(f"  idle            p50 {pct(idle, 0.5):6.2f} ms  p99 {pct(idle, 0.99):6.2f} ms")
+        for label, values, n in (
+            ("during checks", during_check, checks),
+            ("during exports", during_export, exports),
+        ):
+            ratio = pct(values, 0.99) / pct(idle, 0.99)
+            print(
+                f"  {label:15s} p50 {pct(values, 0.5):6.2f} ms  p99 {pct(values, 0.99):6.2f} ms"
+                f"  max {max(values) * 1e3:7.2f} ms  p99 / idle p99 = {ratio:.2f} "
+                f"({n} completed; goal <= 2)"
+            )
+        # Snapshot: a graceful stop writes one; then restart from it (nothing to replay).
+        daemon.stop(signal.SIGTERM)
+        clean = daemon.start()
+        hwm_restart_clean = daemon.hwm_bytes()
+        channel.close()
+        channel = grpc.insecure_channel(daemon.address)
+        stub = pb_grpc.TagStorageStub(channel)
+        # A journal to replay: faults of fresh pages freed by destroying one plain VM.
+        stub.DestroyVm(pb.DestroyVmRequest(vm_id="plain0"))
+        stub.CreateVm(pb.CreateVmRequest(vm_id="again", boot_memory_bytes=4 * GiB))
+        for off in range(0, 4 * GiB, 2 << 20):
+            stub.GuestFault(
+                pb.GuestFaultRequest(
+                    vm_id="again", gpa=BOOT_RAM_GPA + off, length=2 << 20, access=pb.ACCESS_WRITE
+                )
+            )
+        channel.close()
+        daemon.stop(signal.SIGKILL)
+        killed = daemon.start()
+        hwm_restart_killed = daemon.hwm_bytes()
+        replayed = [ln for ln in daemon.log.read_text().splitlines() if "event=serving" in ln][-1]
+        print("restart to SERVING:")
+        print(f"  after a graceful stop (snapshot, empty journal): {clean:.2f} s")
+        print(f"  after SIGKILL (journal replayed):               {killed:.2f} s")
+        print(f"    {replayed.split('event=serving ')[1]}")
+        hwm["restart (snapshot)"] = hwm_restart_clean
+        hwm["restart (snapshot + replay)"] = hwm_restart_killed
+        print(
+            "daemon peak RSS (VmHWM) per host page, whole process / minus the process before "
+            f"the host was touched ({baseline / 2**20:.0f} MiB) (goal <= 8):"
+        )
+        for label, value in hwm.items():
+            print(f"  {label:28s} {value / pages:5.2f} / {(value - baseline) / pages:5.2f} bytes")
+        print("forked children's private memory per host page, peak (not in the daemon's RSS):")
+        print(f"  {'check':28s} {check_child / pages:5.2f} bytes")
+        print(f"  {'export':28s} {export_child / pages:5.2f} bytes")
+        daemon.stop(signal.SIGTERM)
+        forks = fork_ms(memory_bytes)
+        print(
+            f"os.fork() of a process holding this host (half mapped), the time the lock is "
+            f"held: median {statistics.median(forks):.1f} ms, max {max(forks):.1f} ms"
+        )
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

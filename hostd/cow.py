@@ -1,0 +1,125 @@
+"""Long reads of the host on a copy-on-write image: fork under the lock, read in the child.
+
+The invariant check, ``ExportState`` and snapshots read every page of the host: seconds on a
+large host. Done under the host's lock they would stall every fault for that long. Instead the
+daemon forks while holding the lock (a consistent cut; the fork costs about a millisecond per
+GiB of resident memory, less with huge pages) and releases it at once; the child reads its
+copy-on-write image at leisure and sends the result back through a pipe, while the parent goes
+on serving. Pages the parent changes meanwhile are copied by the kernel, one at a time.
+
+Rules for the child: it runs only the given function (plain Python + numpy over the model) and
+leaves with ``os._exit``; it never touches gRPC, logging or any lock another thread may have
+held at the fork; it dies with the daemon (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pickle
+import signal
+import struct
+import threading
+import traceback
+from collections.abc import Callable, Generator, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_LENGTH = struct.Struct("<Q")
+
+
+class CopyFailedError(Exception):
+    """The child reading the copy failed; the message carries its traceback."""
+
+
+# Loaded in the parent: a child must not dlopen() (the loader's lock may have been held by
+# another thread at the fork).
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+# Children read at a low CPU priority: on a small host the daemon's calls come first.
+CHILD_NICENESS = 10
+
+
+def die_with_parent(keep_fd: int = -1) -> None:
+    """In a forked child: drop every inherited file descriptor but ``keep_fd`` (the state
+    directory's lock, listening sockets: a restarted daemon must not find them held), get
+    SIGKILL when the daemon dies, and yield the CPU to the daemon's calls."""
+    if keep_fd > 3:
+        os.closerange(3, keep_fd)
+    os.closerange(max(3, keep_fd + 1), os.sysconf("SC_OPEN_MAX"))
+    with contextlib.suppress(OSError, AttributeError):
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(1)
+    with contextlib.suppress(OSError):
+        os.nice(CHILD_NICENESS)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    parts = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
+def stream_on_copy(
+    lock: threading.Lock, produce: Callable[[], Iterable[bytes]]
+) -> Generator[bytes, None, None]:
+    """Yield what ``produce()`` yields, run in a child forked under ``lock``.
+
+    The lock is held only for the fork. Raises :class:`CopyFailedError` if the child fails.
+    """
+    read_fd, write_fd = os.pipe()
+    with lock:
+        pid = os.fork()
+    if pid == 0:  # the child
+        code = 0
+        try:
+            die_with_parent(keep_fd=write_fd)
+            for item in produce():
+                _write_all(write_fd, _LENGTH.pack(len(item)) + item)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                error = traceback.format_exc().encode()
+                _write_all(write_fd, _LENGTH.pack((1 << 63) | len(error)) + error)
+            code = 1
+        os._exit(code)
+    os.close(write_fd)
+    try:
+        while (header := _read_exact(read_fd, _LENGTH.size)) is not None:
+            (length,) = _LENGTH.unpack(header)
+            data = _read_exact(read_fd, length & ~(1 << 63))
+            if data is None:
+                raise CopyFailedError("the copy's process ended in the middle of a message")
+            if length >> 63:
+                raise CopyFailedError(data.decode(errors="replace"))
+            yield data
+    finally:
+        os.close(read_fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a consumer that stopped early: the child is not needed
+        os.waitpid(pid, 0)
+
+
+def call_on_copy(lock: threading.Lock, fn: Callable[[], T]) -> T:
+    """``fn()`` run in a child forked under ``lock``, its result sent back pickled.
+
+    Pickle is safe here: the bytes come from our own forked child, never from outside.
+    """
+    (data,) = list(stream_on_copy(lock, lambda: [pickle.dumps(fn())]))
+    result: T = pickle.loads(data)
+    return result
