@@ -9,14 +9,10 @@ under test does not deduplicate, and run as soon as it does.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
-from tagstore.v1 import tagstore_pb2 as pb
-from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
 from tests.conftest import HostdProcess
 from tests.shim.conftest import admin_token
 from tests.shim.servers import LosingProxy, serve
@@ -26,32 +22,9 @@ from vmm_shim.units import MiB
 pytestmark = pytest.mark.integration
 
 
-def daemon_deduplicates(daemon: HostdProcess) -> bool:
-    """Whether hostd answers a repeated CreateVm request_id with the first answer."""
-    token = admin_token(daemon)
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
-    vm_id = f"dedupe-probe-{uuid.uuid4().hex[:8]}"
-    request = pb.CreateVmRequest(
-        vm_id=vm_id, mte_enabled=False, boot_memory_bytes=4 * MiB, request_id=str(uuid.uuid4())
-    )
-    with daemon.channel() as channel:
-        stub = pb_grpc.TagStorageStub(channel)
-        stub.CreateVm(request, metadata=metadata, timeout=10)
-        try:
-            stub.CreateVm(request, metadata=metadata, timeout=10)
-        except grpc.RpcError:
-            deduplicates = False
-        else:
-            deduplicates = True
-        stub.DestroyVm(pb.DestroyVmRequest(vm_id=vm_id), metadata=metadata, timeout=10)
-    return deduplicates
-
-
 @pytest.fixture(scope="module")
 def proxied(daemon: HostdProcess) -> Iterator[tuple[HostClient, LosingProxy]]:
     """A client whose calls reach the module's daemon through a LosingProxy."""
-    if not daemon_deduplicates(daemon):
-        pytest.skip("hostd does not deduplicate request_id yet (issue 8, server side)")
     with daemon.channel() as target:
         proxy = LosingProxy(target)
         server, address = serve(proxy)
