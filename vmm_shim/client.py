@@ -870,11 +870,21 @@ class VmHandle:
         return self._add_device(device_id, dimm=pb.DimmConfig(size_bytes=size_bytes))
 
     def add_virtio_mem(
-        self, device_id: str, *, region_size: int, block_size: int, requested_size: int = 0
+        self,
+        device_id: str,
+        *,
+        region_size: int,
+        block_size: int,
+        requested_size: int = 0,
+        prealloc: bool = False,
     ) -> DeviceInfo:
-        """Hot-add a virtio-mem device; nothing is plugged until the guest asks."""
+        """Hot-add a virtio-mem device; nothing is plugged until the guest asks. With
+        ``prealloc`` (QEMU's device property) a PLUG backs its blocks before it is ACKed."""
         config = pb.VirtioMemConfig(
-            region_size=region_size, block_size=block_size, requested_size=requested_size
+            region_size=region_size,
+            block_size=block_size,
+            requested_size=requested_size,
+            prealloc=prealloc,
         )
         return self._add_device(device_id, virtio_mem=config)
 
@@ -952,12 +962,15 @@ class VmHandle:
     ) -> DriveResult:
         """Plug or unplug blocks until ``plugged_size == requested_size``, as Linux's virtio-mem
         driver does: PLUG the lowest unplugged blocks of the usable region, UNPLUG the highest
-        plugged ones, up to :data:`DRIVE_BATCH_BLOCKS` contiguous blocks a request. Stops at the
-        first answer that is not ACK (NACK, BUSY: the guest would retry later) or after
-        ``max_requests`` PLUG/UNPLUG requests. Raises FailedPrecondition (``NOT_VIRTIO_MEM``)
-        for another kind of device. Only requests valid for the state it read are sent; the
-        state comes from the device (STATE requests), so another actor changing it meanwhile
-        can still make a request fail."""
+        plugged ones, up to :data:`DRIVE_BATCH_BLOCKS` contiguous blocks a request. A NACK means
+        "the config changed" (only a PLUG beyond requested_size is NACKed): like Linux, the
+        loop re-reads the config at once and goes on toward the new requested_size, stopping if
+        it did not change. BUSY (the host could not back the blocks now) stops the loop: Linux
+        retries it later on a backoff timer, so the caller should call again later. It also
+        stops at ERROR or after ``max_requests`` PLUG/UNPLUG requests. Raises
+        FailedPrecondition (``NOT_VIRTIO_MEM``) for another kind of device. Only requests valid
+        for the state it read are sent; the state comes from the device (STATE requests), so
+        another actor changing it meanwhile can still make a request fail."""
         dev = self.device(device_id)
         if dev.kind != "VIRTIO_MEM":
             # The refusal the daemon gives every virtio-mem call on such a device.
@@ -995,6 +1008,13 @@ class VmHandle:
             response = self._virtio_mem_request(device_id, kind, addr, count)[0]
             requests += 1
             counts[response] = counts.get(response, 0) + 1
+            if response == "NACK":
+                # virtio_mem_send_plug_request(): NACK -> the config changed; re-read it now.
+                dev = self.device(device_id)
+                if dev.requested_size // dev.block_size == nb_requested:
+                    break
+                nb_requested = dev.requested_size // dev.block_size
+                continue
             if response != "ACK":
                 break
             plugged[first : last + 1] = [plug] * count

@@ -121,6 +121,7 @@ def virtio_mem_config_from_proto(config: pb.VirtioMemConfig) -> VirtioMemConfig:
         region_size_bytes=config.region_size,
         block_size_bytes=config.block_size,
         requested_size_bytes=config.requested_size,
+        prealloc=config.prealloc,
     )
 
 
@@ -204,6 +205,7 @@ def memory_device_to_proto(device: MemoryDeviceStatus) -> pb.MemoryDevice:
                 block_size=device.block_size_bytes,
                 plugged_size=device.plugged_bytes,
                 requested_size=device.requested_size_bytes,
+                prealloc=device.prealloc,
             )
         )
     return message

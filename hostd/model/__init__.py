@@ -26,6 +26,7 @@ from hostd.model.topology import (
 from hostd.model.types import (
     BOOT_RAM_GPA,
     Access,
+    DiscardResult,
     FaultResult,
     GiB,
     HostCounters,
@@ -63,6 +64,7 @@ __all__ = [
     "Access",
     "AlreadyExistsError",
     "ConfigError",
+    "DiscardResult",
     "Event",
     "FailedPreconditionError",
     "FaultResult",

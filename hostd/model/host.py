@@ -19,6 +19,7 @@ from hostd.model import invariants
 from hostd.model.errors import (
     RESOURCE_DIMM_SLOTS,
     RESOURCE_GUEST_ADDRESS_SPACE,
+    RESOURCE_MEMORY,
     RESOURCE_TAGGABLE_MEMORY,
     AlreadyExistsError,
     FailedPreconditionError,
@@ -57,6 +58,7 @@ from hostd.model.types import (
     MAX_FAULT_BYTES,
     MTE_GRANULE_BYTES,
     Access,
+    DiscardResult,
     FaultResult,
     HostCounters,
     HostExport,
@@ -417,6 +419,7 @@ class Host:
             config.region_size_bytes,
             block_size_bytes=bs,
             requested_size_bytes=config.requested_size_bytes,
+            prealloc=bool(config.prealloc),
             plugged=np.zeros(config.region_size_bytes // bs, dtype=bool),
         )
         dev.resize_usable_region(config.requested_size_bytes, can_shrink=True)
@@ -456,7 +459,8 @@ class Host:
         return gpa
 
     def remove_memory_device(self, vm_id: str, device_id: str) -> None:
-        """Remove a DIMM (its memory is released) or a virtio-mem device with nothing plugged."""
+        """Remove a DIMM (its memory is released) or a virtio-mem device with nothing plugged
+        and nothing requested."""
         vm = self._vm(vm_id)
         dev = self._device(vm, device_id)
         if dev.kind is MemoryDeviceKind.BOOT_RAM:
@@ -470,6 +474,17 @@ class Host:
                 vm_id=vm_id,
                 device_id=device_id,
                 plugged_bytes=dev.plugged_bytes,
+            )
+        if dev.is_virtio_mem and dev.requested_size_bytes:
+            # QEMU's unplug request check, after the plugged size: "cannot get unplugged while
+            # 'requested-size' != '0'".
+            raise FailedPreconditionError(
+                f"virtio-mem device {device_id!r} has requested_size "
+                f"{dev.requested_size_bytes:#x}; set it to 0 and let the guest unplug first",
+                reason="REQUESTED_SIZE_NOT_ZERO",
+                vm_id=vm_id,
+                device_id=device_id,
+                requested_size_bytes=dev.requested_size_bytes,
             )
         first = vm.gfn_offset(dev.gpa)
         self._unmap(vm, np.arange(first, first + dev.size_bytes // self.page_size))
@@ -485,6 +500,8 @@ class Host:
         vm = self._vm(vm_id)
         dev = self._virtio_mem(vm, device_id)
         self._check_requested(requested_size_bytes, dev.block_size_bytes, dev.size_bytes)
+        if self._preallocates(vm, dev) and requested_size_bytes > dev.requested_size_bytes:
+            self._check_backable(vm, dev, requested_size_bytes)
         dev.requested_size_bytes = requested_size_bytes
         dev.resize_usable_region(requested_size_bytes, can_shrink=False)
         self._emit(
@@ -541,16 +558,22 @@ class Host:
         base = vm.gfn_offset(dev.gpa)
         return (base + blocks[:, None] * per + np.arange(per)).ravel().astype(np.int64)
 
+    def _preallocates(self, vm: Vm, dev: MemoryDevice) -> bool:
+        """Whether a PLUG on ``dev`` backs its blocks before it is ACKed: QEMU's ``prealloc``
+        device property, which an EAGER MTE guest implies."""
+        return dev.prealloc or self._needs_prefault(vm)
+
     def _plug_blocks(self, vm: Vm, dev: MemoryDevice, blocks: IndexArray) -> VirtioMemResponse:
         offs = self._block_offsets(vm, dev, blocks)
-        if self._needs_prefault(vm):
+        if self._preallocates(vm, dev):
             try:
-                self._prefault_tagged(vm, offs)
+                self._back(vm, offs)
             except ResourceExhaustedError:
-                return VirtioMemResponse.NACK
-        elif offs.size > self._backable_pages(vm):
-            # The host could not back these blocks with memory of the right kind.
-            return VirtioMemResponse.NACK
+                # QEMU answers BUSY when preallocation fails (Linux retries on a backoff
+                # timer); NACK is only for requested_size, and a guest retries it at once.
+                return VirtioMemResponse.BUSY
+        # Without prealloc the PLUG promises address space only: memory is found at fault
+        # time, as on a real host (where a fault that cannot be backed fails).
         dev.plugged[blocks] = True
         self._emit(
             Event(
@@ -559,11 +582,47 @@ class Host:
         )
         return VirtioMemResponse.ACK
 
+    def _back(self, vm: Vm, offs: IndexArray) -> None:
+        """Back guest pages ``offs`` (not mapped yet) now, as a preallocation does: tagged for
+        an MTE guest whose policy provides tags at fault, untagged otherwise."""
+        cfg = vm.config
+        if cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS:
+            self._prefault_tagged(vm, offs)
+        else:
+            pages = self.mem.alloc_untagged(
+                offs.size, vm.slot, offs, mte_capable_only=cfg.mte_enabled
+            )
+            self._map(vm, offs, pages, tagged=False)
+
     def _backable_pages(self, vm: Vm) -> int:
         mem = self.mem
-        if vm.config.mte_enabled:
+        cfg = vm.config
+        if cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS:
             return mem.free_pages(TG_FREE)
+        if cfg.mte_enabled:
+            return mem.free_pages(TG_FREE) + mem.free_pages(TS_FREE)
         return mem.free_pages(UT_FREE) + mem.free_pages(TG_FREE) + mem.free_pages(TS_FREE)
+
+    def _check_backable(self, vm: Vm, dev: MemoryDevice, requested_size_bytes: int) -> None:
+        """Refuse a requested size a preallocating device could not back now: the admission
+        check a VMM makes before it sets QEMU's ``requested-size``."""
+        need = (requested_size_bytes - dev.plugged_bytes) // self.page_size
+        available = self._backable_pages(vm)
+        if need > available:
+            cfg = vm.config
+            tagged = cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
+            resource = RESOURCE_TAGGABLE_MEMORY if tagged else RESOURCE_MEMORY
+            raise ResourceExhaustedError(
+                resource,
+                f"virtio-mem device {dev.device_id!r} preallocates: requested_size "
+                f"{requested_size_bytes:#x} needs {need} more pages, the host can back "
+                f"{available}",
+                vm_id=vm.vm_id,
+                device_id=dev.device_id,
+                requested_size_bytes=requested_size_bytes,
+                nr_pages=need,
+                available_pages=available,
+            )
 
     def _unplug_blocks(self, vm: Vm, dev: MemoryDevice, blocks: IndexArray) -> None:
         if blocks.size == 0:
@@ -709,6 +768,34 @@ class Host:
             replays=replays,
         )
 
+    # ----------------------------------------------------------------- memory given back
+
+    def discard_guest_memory(self, vm_id: str, gpa: int, length_bytes: int) -> DiscardResult:
+        """The VMM discards a guest range the guest gave back (free page reporting, balloon
+        inflation: ``MADV_DONTNEED``): its host pages are freed with their tags, and a tag block
+        with its last tagged page. A later access maps fresh zeroed, untagged memory.
+
+        Whole pages of plugged memory only; a pinned VM's memory cannot be discarded (QEMU
+        inhibits the balloon and free page reporting while a VFIO device pins guest memory).
+        """
+        vm = self._vm(vm_id)
+        offs = self._guest_range(vm, gpa, length_bytes, MAX_FAULT_BYTES)
+        s2 = vm.stage2[as_slice(offs)]
+        pages = s2[s2 != 0].astype(np.int64) - 1
+        nr_tagged = int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
+        released_before = sum(self.counters.tag_blocks_released.values())
+        self._unmap(vm, offs)
+        vm.discarded_pages += pages.size
+        self.counters.add(self.counters.discarded_bytes, "tagged", nr_tagged * self.page_size)
+        self.counters.add(
+            self.counters.discarded_bytes, "untagged", (pages.size - nr_tagged) * self.page_size
+        )
+        return DiscardResult(
+            discarded_bytes=pages.size * self.page_size,
+            tagged_bytes=nr_tagged * self.page_size,
+            tag_blocks_released=sum(self.counters.tag_blocks_released.values()) - released_before,
+        )
+
     # ----------------------------------------------------------------- tags
 
     def copy_tags(
@@ -721,8 +808,10 @@ class Host:
     ) -> bytes:
         """``KVM_ARM_MTE_COPY_TAGS``: ``length/16`` tags, one per byte, to or from the guest.
 
-        Pages not mapped yet are faulted in first, as the ioctl does; for an MTE guest that is
-        a tag access, so every page of the range ends up tagged.
+        TO_GUEST writes tags: pages not mapped yet are faulted in as a tag access, so every page
+        of the range ends up tagged. FROM_GUEST only reads: a page without tags (unmapped or
+        untagged) reads as zeros and is neither mapped nor tagged (KVM: "No tags in memory, so
+        write zeros"), so that a tag dump, as migration pre-copy does, changes nothing.
         """
         vm = self._vm(vm_id)
         offs = self._guest_range(vm, gpa, length_bytes, MAX_TAG_COPY_BYTES)
@@ -745,13 +834,17 @@ class Host:
                 raise InvalidArgumentError(
                     "tags", f"tags[{bad}]={arr[bad]:#x}", "an MTE tag is 4 bits (0..15)"
                 )
-        self._fault(vm, offs, Access.TAG)
-        pages = vm.stage2[offs].astype(np.int64) - 1
         self.counters.add(self.counters.tags_copied_bytes, direction.value, nr_tags)
         if direction is TagCopyDirection.TO_GUEST:
+            self._fault(vm, offs, Access.TAG)
+            pages = vm.stage2[offs].astype(np.int64) - 1
             self.mem.tags.write(pages, arr.reshape(offs.size, -1))
             return b""
-        return self.mem.tags.read(pages).tobytes()
+        s2 = vm.stage2[offs]
+        mapped = s2 != 0
+        out = np.zeros((offs.size, self.mem.tags.tags_per_page), dtype=np.uint8)
+        out[mapped] = self.mem.tags.read(s2[mapped].astype(np.int64) - 1)
+        return out.tobytes()
 
     # ----------------------------------------------------------------- views
 
@@ -908,11 +1001,19 @@ class Host:
                         "block_size_bytes": d.block_size_bytes,
                         "requested_size_bytes": d.requested_size_bytes,
                         "usable_region_size_bytes": d.usable_region_size_bytes,
+                        "prealloc": d.prealloc,
                     }
                 )
             config = asdict(vm.config)
             config["tag_policy"] = vm.config.tag_policy.value
-            vms.append({"slot": vm.slot, "config": config, "devices": devices})
+            vms.append(
+                {
+                    "slot": vm.slot,
+                    "config": config,
+                    "devices": devices,
+                    "discarded_pages": vm.discarded_pages,
+                }
+            )
         tables = {
             "topology": topology_to_doc(self.topology),
             "placement": mem.placement.value,
@@ -947,6 +1048,7 @@ class Host:
                     d["block_size_bytes"],
                     d["requested_size_bytes"],
                     d["usable_region_size_bytes"],
+                    d.get("prealloc", False),
                 )
                 if dev.is_virtio_mem:
                     dev.plugged = a[f"vm{vm.slot}_dev{d['index']}_plugged"].astype(bool)
@@ -955,6 +1057,7 @@ class Host:
             pages = vm.stage2[vm.stage2 != 0].astype(np.int64) - 1
             vm.mapped_pages = pages.size
             vm.tagged_pages = int(np.count_nonzero(mem.flags[pages] == TG_TAGGED))
+            vm.discarded_pages = int(entry.get("discarded_pages", 0))
             host._vms[vm.vm_id] = vm
             host._by_slot[vm.slot] = vm
             mem.mte_owner[vm.slot] = vm.config.mte_enabled

@@ -850,11 +850,6 @@ class PhysicalMemory:
         reg.nr_reserved -= blocks.size
         c = self.counters
         c.add(c.tag_blocks_released, reg.name, blocks.size)
-        c.add(
-            c.cache_maintenance_bytes,
-            TAG_CACHE_INVALIDATE,
-            blocks.size * reg.span_pages * self.page_size,
-        )
         self._emit(Event(EVENT_TAG_BLOCKS_RELEASED, region=reg.name, count=int(blocks.size)))
 
     # ----------------------------------------------------------------- conversions of use
@@ -880,12 +875,21 @@ class PhysicalMemory:
         return idx[bad], reserved
 
     def free(self, idx: IndexArray) -> None:
-        """Free pages: their tags are discarded and tag blocks they held are released."""
+        """Free pages: their tags are discarded and tag blocks they held are released.
+
+        The tag cache is invalidated over every freed tagged page, whether or not its block is
+        released with it (the series' ``PAGE_SIZE << order`` per freed tagged folio).
+        """
         if idx.size == 0:
             return
         self.tags.discard(idx)
         self.owner[idx] = NO_OWNER
+        tagged_before = int(self.seg_counts[:, TG_TAGGED].sum())
         self._set_flags(idx, use=USE_FREE)
+        nr_tagged = tagged_before - int(self.seg_counts[:, TG_TAGGED].sum())
+        self.counters.add(
+            self.counters.cache_maintenance_bytes, TAG_CACHE_INVALIDATE, nr_tagged * self.page_size
+        )
 
     # ----------------------------------------------------------------- views
 

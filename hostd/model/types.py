@@ -134,6 +134,10 @@ class VirtioMemConfig:
     region_size_bytes: int
     block_size_bytes: int
     requested_size_bytes: int = 0
+    # QEMU's ``prealloc`` device property: a PLUG backs its blocks (and, for an MTE guest whose
+    # policy provides tags at fault, reserves their tag storage) before it is ACKed, and is
+    # answered BUSY when the host cannot. Without it a PLUG is a promise of address space only.
+    prealloc: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,15 @@ class FaultResult:
     tag_blocks_reserved: int = 0
     pages_migrated: int = 0
     replays: int = 0
+
+
+@dataclass(frozen=True)
+class DiscardResult:
+    """What discarding a guest range (free page reporting, balloon inflation) gave back."""
+
+    discarded_bytes: int = 0  # guest memory that was backed and no longer is
+    tagged_bytes: int = 0  # of which tagged: its tags are gone
+    tag_blocks_released: int = 0  # tag blocks released with their last tagged page
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,7 @@ class MemoryDeviceStatus:
     block_size_bytes: int = 0
     requested_size_bytes: int = 0
     usable_region_size_bytes: int = 0
+    prealloc: bool = False
 
 
 @dataclass(frozen=True)
@@ -323,6 +337,7 @@ class HostCounters:
     dimm_operations: dict[str, int] = field(default_factory=dict)  # "plug" / "unplug"
     cache_maintenance_bytes: dict[str, int] = field(default_factory=dict)  # kind
     tags_copied_bytes: dict[str, int] = field(default_factory=dict)  # direction
+    discarded_bytes: dict[str, int] = field(default_factory=dict)  # "tagged" / "untagged"
     fault_seconds: dict[str, LatencyHistogram] = field(
         default_factory=lambda: {a.value: LatencyHistogram() for a in Access}
     )
@@ -363,9 +378,9 @@ class HostCounters:
             table[key] = table.get(key, 0) + int(n)
 
 
-# Cache maintenance kinds (DOMAIN.md §1).
+# Cache maintenance kinds (docs/domain.md, "MTE and tag storage").
 DCACHE_INVALIDATE = "dcache_invalidate"  # over the tag block, when it is reserved
-TAG_CACHE_INVALIDATE = "tag_cache_invalidate"  # over the data pages, when tags are released
+TAG_CACHE_INVALIDATE = "tag_cache_invalidate"  # over every tagged page that is freed
 
 
 @dataclass(frozen=True)

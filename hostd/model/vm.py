@@ -47,6 +47,7 @@ class MemoryDevice:
     block_size_bytes: int = 0
     requested_size_bytes: int = 0
     usable_region_size_bytes: int = 0
+    prealloc: bool = False
     plugged: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
@@ -124,6 +125,9 @@ class Vm:
     stage2: npt.NDArray[np.uint32]
     mapped_pages: int = 0
     tagged_pages: int = 0
+    # Pages the VMM has discarded so far (free page reporting, balloon): persisted, since an
+    # EAGER VM that gave memory back no longer has all of its plugged memory backed.
+    discarded_pages: int = 0
 
     @classmethod
     def create(cls, slot: int, config: VmConfig, page_size: int) -> Vm:
@@ -224,4 +228,5 @@ class Vm:
             block_size_bytes=d.block_size_bytes,
             requested_size_bytes=d.requested_size_bytes,
             usable_region_size_bytes=d.usable_region_size_bytes,
+            prealloc=d.prealloc,
         )

@@ -304,20 +304,22 @@ class DimmDevice(_message.Message):
     def __init__(self, addr: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class VirtioMemDevice(_message.Message):
-    __slots__ = ("addr", "region_size", "usable_region_size", "block_size", "plugged_size", "requested_size")
+    __slots__ = ("addr", "region_size", "usable_region_size", "block_size", "plugged_size", "requested_size", "prealloc")
     ADDR_FIELD_NUMBER: _ClassVar[int]
     REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     USABLE_REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PLUGGED_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREALLOC_FIELD_NUMBER: _ClassVar[int]
     addr: int
     region_size: int
     usable_region_size: int
     block_size: int
     plugged_size: int
     requested_size: int
-    def __init__(self, addr: _Optional[int] = ..., region_size: _Optional[int] = ..., usable_region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., plugged_size: _Optional[int] = ..., requested_size: _Optional[int] = ...) -> None: ...
+    prealloc: bool
+    def __init__(self, addr: _Optional[int] = ..., region_size: _Optional[int] = ..., usable_region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., plugged_size: _Optional[int] = ..., requested_size: _Optional[int] = ..., prealloc: _Optional[bool] = ...) -> None: ...
 
 class GuestFaultRequest(_message.Message):
     __slots__ = ("vm_id", "gpa", "length", "access", "request_id")
@@ -366,14 +368,16 @@ class DimmConfig(_message.Message):
     def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
 
 class VirtioMemConfig(_message.Message):
-    __slots__ = ("region_size", "block_size", "requested_size")
+    __slots__ = ("region_size", "block_size", "requested_size", "prealloc")
     REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREALLOC_FIELD_NUMBER: _ClassVar[int]
     region_size: int
     block_size: int
     requested_size: int
-    def __init__(self, region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_size: _Optional[int] = ...) -> None: ...
+    prealloc: bool
+    def __init__(self, region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_size: _Optional[int] = ..., prealloc: _Optional[bool] = ...) -> None: ...
 
 class RemoveMemoryDeviceRequest(_message.Message):
     __slots__ = ("vm_id", "device_id", "request_id")

@@ -177,7 +177,8 @@ class TagStorageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveMemoryDevice(self, request, context):
-        """Hot-removes a memory device. A virtio-mem device must have no plugged block left.
+        """Hot-removes a memory device. A virtio-mem device must have requested_size 0 and no plugged
+        block left (QEMU: "cannot get unplugged while 'requested-size' != '0'").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,7 +186,9 @@ class TagStorageServicer:
 
     def ResizeVirtioMem(self, request, context):
         """Changes a virtio-mem device's requested_size (the operator's `qom-set requested-size`); the
-        guest then plugs or unplugs blocks through VirtioMemRequest.
+        guest then plugs or unplugs blocks through VirtioMemRequest. On a prealloc device, a size the
+        host could not back now is refused (RESOURCE_EXHAUSTED, nothing changed): a VMM uses this as
+        its admission check before it sets QEMU's requested-size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

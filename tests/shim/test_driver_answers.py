@@ -1,0 +1,84 @@
+"""How the vmm_shim virtio-mem driver loop reacts to NACK and BUSY, as Linux's driver does
+(drivers/virtio/virtio_mem.c): NACK means "the config changed" and is acted on at once; BUSY
+means "not now" and is retried later on a backoff timer, so the loop stops and says so."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import HostdProcess
+from vmm_shim import HostClient, VmHandle
+from vmm_shim.units import GiB, MiB
+
+pytestmark = pytest.mark.integration
+
+BLOCK = 2 * MiB
+
+
+@pytest.fixture(scope="module")
+def small(hostd_process: Callable[..., HostdProcess]) -> Iterator[HostClient]:
+    """A daemon on a 256 MiB host: 128 MiB of taggable memory."""
+    daemon = hostd_process("--memory", "256MiB")
+    with HostClient(daemon.address) as client:
+        yield client
+
+
+def mte_vm(host: HostClient, vm_id: str, boot: int = 16 * MiB) -> VmHandle:
+    return host.create_vm(
+        vm_id,
+        mte_enabled=True,
+        tag_policy="ON_FAULT",
+        boot_memory_bytes=boot,
+        max_memory_bytes=boot + GiB,
+    )
+
+
+def test_driver_stops_on_busy_so_that_the_guest_retries_later(small: HostClient) -> None:
+    """A prealloc device that cannot back the next blocks answers BUSY; the driver loop stops
+    there (Linux retries on a timer), having plugged nothing of that request, and the host stays
+    sound; once memory is free again, the retry plugs everything."""
+    vm = mte_vm(small, "busy")
+    vm.add_virtio_mem("pre", region_size=512 * MiB, block_size=BLOCK, prealloc=True)
+    vm.resize_virtio_mem("pre", 64 * MiB)  # the host can back it now ...
+    hog = mte_vm(small, "hog", 96 * MiB)
+    hog.fault(hog.boot_gpa, 96 * MiB, "WRITE")  # ... and no longer
+    result = vm.drive_virtio_mem("pre")
+    assert 1 == result.busy
+    assert 0 == result.nacks
+    assert (0, 64 * MiB) == (result.plugged_size, result.requested_size)
+    assert [] == small.check_invariants()
+    hog.destroy()
+    assert vm.drive_virtio_mem("pre").plugged_size == 64 * MiB, "the later retry succeeds"
+    vm.destroy()
+
+
+class _OperatorShrinksBeforeFirstPlug(VmHandle):
+    """The operator's `qom-set requested-size` lands between the guest's read of the config
+    and its first PLUG."""
+
+    shrink_to = 0
+
+    def _virtio_mem_request(
+        self, device_id: str, kind: str, addr: int = 0, nb_blocks: int = 0
+    ) -> tuple[str, str]:
+        if kind == "PLUG" and self.shrink_to:
+            self.resize_virtio_mem(device_id, self.shrink_to)
+            self.shrink_to = 0
+        return super()._virtio_mem_request(device_id, kind, addr, nb_blocks)
+
+
+def test_driver_rereads_the_config_at_once_on_nack(small: HostClient) -> None:
+    """A PLUG NACKed because requested_size shrank meanwhile is not a failure: the driver
+    re-reads the config at once and plugs up to the new requested size."""
+    mte_vm(small, "nack")
+    vm = _OperatorShrinksBeforeFirstPlug(small, "nack")
+    vm.add_virtio_mem("vmem0", region_size=512 * MiB, block_size=BLOCK)
+    vm.resize_virtio_mem("vmem0", 64 * MiB)
+    vm.shrink_to = 4 * MiB
+    result = vm.drive_virtio_mem("vmem0")
+    assert (1, 0) == (result.nacks, result.busy)
+    assert 4 * MiB == result.plugged_size == result.requested_size
+    assert [] == small.check_invariants()
+    vm.destroy()
