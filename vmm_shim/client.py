@@ -330,6 +330,16 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscardOutcome:
+    """What discarding a guest range gave back (bytes that were backed, of which tagged, and
+    tag blocks released with their last tagged page)."""
+
+    discarded_bytes: int
+    tagged_bytes: int
+    tag_blocks_released: int
+
+
+@dataclass(frozen=True, slots=True)
 class VmInfo:
     """A VM: boot RAM first in ``regions``, then memory devices in address order.
 
@@ -345,6 +355,8 @@ class VmInfo:
     mapped_bytes: int
     tagged_bytes: int
     regions: list[DeviceInfo]
+    pinned: bool = False
+    discarded_bytes: int = 0
 
     def device(self, device_id: str) -> DeviceInfo:
         """The region named ``device_id``; KeyError if the VM has none."""
@@ -510,6 +522,8 @@ def _vm_info(v: pb.Vm) -> VmInfo:
         mapped_bytes=v.mapped_bytes,
         tagged_bytes=v.tagged_bytes,
         regions=[_device_info(d) for d in v.regions],
+        pinned=v.pinned,
+        discarded_bytes=v.discarded_bytes,
     )
 
 
@@ -668,9 +682,11 @@ class HostClient:
         boot_memory_bytes: int,
         dimm_slots: int = 0,
         max_memory_bytes: int = 0,
+        pinned: bool = False,
     ) -> VmHandle:
         """Create a VM (boot RAM at :data:`BOOT_RAM_GPA`). ``tag_policy`` is one of
-        :data:`TAG_POLICIES`; None sends UNSPECIFIED (accepted only without MTE)."""
+        :data:`TAG_POLICIES`; None sends UNSPECIFIED (accepted only without MTE). ``pinned``:
+        a passthrough device pins all guest memory (backed at once, never in tag storage)."""
         request = pb.CreateVmRequest(
             vm_id=vm_id,
             mte_enabled=mte_enabled,
@@ -682,6 +698,7 @@ class HostClient:
             boot_memory_bytes=boot_memory_bytes,
             dimm_slots=dimm_slots,
             max_memory_bytes=max_memory_bytes,
+            pinned=pinned,
         )
         self._unary("CreateVm", request, safe=False)
         return VmHandle(self, vm_id)
@@ -787,6 +804,13 @@ class VmHandle:
     def destroy(self) -> None:
         """Destroy the VM: its memory, tags and reserved tag storage are freed."""
         self.client._unary("DestroyVm", pb.DestroyVmRequest(vm_id=self.vm_id), safe=False)
+
+    def discard(self, gpa: int, length: int) -> DiscardOutcome:
+        """Discard ``[gpa, gpa+length)``, memory the guest gave back (free page reporting,
+        balloon inflation): its pages, tags and emptied tag blocks are freed."""
+        request = pb.DiscardGuestMemoryRequest(vm_id=self.vm_id, gpa=gpa, length=length)
+        r = self.client._unary("DiscardGuestMemory", request, safe=False)
+        return DiscardOutcome(r.discarded_bytes, r.tagged_bytes, r.tag_blocks_released)
 
     def _fault_request(self, gpa: int, length: int, access: str) -> pb.GuestFaultRequest:
         return pb.GuestFaultRequest(

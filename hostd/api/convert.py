@@ -18,6 +18,7 @@ from hostd.model.errors import InvalidArgumentError
 from hostd.model.events import Event
 from hostd.model.types import (
     Access,
+    DiscardResult,
     FaultResult,
     HostExport,
     HostStatus,
@@ -93,6 +94,7 @@ def vm_config_from_proto(request: pb.CreateVmRequest) -> VmConfig:
         boot_memory_bytes=request.boot_memory_bytes,
         dimm_slots=request.dimm_slots,
         max_memory_bytes=request.max_memory_bytes,
+        pinned=request.pinned,
     )
 
 
@@ -223,6 +225,8 @@ def vm_to_proto(vm: VmStatus) -> pb.Vm:
         mapped_bytes=vm.mapped_bytes,
         tagged_bytes=vm.tagged_bytes,
         regions=[memory_device_to_proto(r) for r in vm.regions],
+        pinned=vm.pinned,
+        discarded_bytes=vm.discarded_bytes,
     )
 
 
@@ -233,6 +237,15 @@ def fault_result_to_proto(result: FaultResult) -> pb.GuestFaultResponse:
         tag_blocks_reserved=result.tag_blocks_reserved,
         pages_migrated=result.pages_migrated,
         replays=result.replays,
+    )
+
+
+def discard_result_to_proto(result: DiscardResult) -> pb.DiscardGuestMemoryResponse:
+    """``DiscardGuestMemoryResponse`` for the model's ``DiscardResult``."""
+    return pb.DiscardGuestMemoryResponse(
+        discarded_bytes=result.discarded_bytes,
+        tagged_bytes=result.tagged_bytes,
+        tag_blocks_released=result.tag_blocks_released,
     )
 
 

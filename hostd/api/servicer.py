@@ -285,6 +285,13 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         return convert.virtio_mem_answer_to_proto(answer)
 
     @_rpc(logging.DEBUG)
+    def DiscardGuestMemory(
+        self, request: pb.DiscardGuestMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.DiscardGuestMemoryResponse:
+        result = self._call(Host.discard_guest_memory, request.vm_id, request.gpa, request.length)
+        return convert.discard_result_to_proto(result)
+
+    @_rpc(logging.DEBUG)
     def CopyTags(
         self, request: pb.CopyTagsRequest, context: grpc.ServicerContext
     ) -> pb.CopyTagsResponse:

@@ -43,12 +43,14 @@ from hostd.model.events import (
 from hostd.model.physmem import (
     KIND_TAGGABLE,
     PAGE_STATE_OF_FLAG,
+    POOL_ANY,
+    POOL_MTE_CAPABLE,
+    POOL_NOT_CMA,
+    POOL_TAGGABLE_FIRST,
     TG_DATA,
     TG_FREE,
     TG_TAGGED,
-    TS_FREE,
     TS_RESERVED,
-    UT_FREE,
     PhysicalMemory,
     as_slice,
     require_pages,
@@ -248,13 +250,31 @@ class Host:
         self._by_slot[slot].stage2[offs] = (pages + 1).astype(np.uint32)
 
     def _prefault_tagged(self, vm: Vm, offs: IndexArray) -> int:
-        """EAGER: back guest pages with tagged memory now, so later faults cannot fail."""
+        """Back guest pages with tagged memory now, so later faults cannot fail."""
         pages, reserved, _ = self.mem.alloc_tagged(offs.size, vm.slot, offs)
         self._map(vm, offs, pages, tagged=True)
         return reserved
 
-    def _needs_prefault(self, vm: Vm) -> bool:
-        return vm.config.mte_enabled and vm.config.tag_policy is TagPolicy.EAGER
+    def _backs_up_front(self, vm: Vm) -> bool:
+        """Whether plugged memory is backed the moment it appears: EAGER is preallocation (QEMU
+        ``prealloc=on`` for an MTE guest), and a pinned guest's memory is pinned, so backed, when
+        VFIO maps it."""
+        cfg = vm.config
+        return cfg.pinned or (cfg.mte_enabled and cfg.tag_policy is TagPolicy.EAGER)
+
+    @staticmethod
+    def _untagged_pool(config: VmConfig) -> int:
+        """Where a VM's untagged pages may live (physmem ``POOL_*``)."""
+        if config.pinned:
+            # Long-term pinning migrates pages out of CMA first: never lent tag storage.
+            return POOL_NOT_CMA
+        if not config.mte_enabled:
+            return POOL_ANY
+        if config.tag_policy is TagPolicy.ON_TAG_ACCESS:
+            # Mapped NoTagAccess (FEAT_MTE_PERM), untagged data may even live on memory that
+            # cannot hold tags; taggable memory first, so a first tag access rarely moves it.
+            return POOL_TAGGABLE_FIRST
+        return POOL_MTE_CAPABLE
 
     # ----------------------------------------------------------------- VMs
 
@@ -280,11 +300,16 @@ class Host:
             )
         if not 0 <= config.dimm_slots <= MAX_DIMM_SLOTS:
             raise InvalidArgumentError("dimm_slots", config.dimm_slots, f"0..{MAX_DIMM_SLOTS}")
-        if (
-            config.mte_enabled
-            and config.tag_policy is TagPolicy.ON_TAG_ACCESS
-            and not self.topology.mte_perm
-        ):
+        on_tag_access = config.mte_enabled and config.tag_policy is TagPolicy.ON_TAG_ACCESS
+        if on_tag_access and config.pinned:
+            raise FailedPreconditionError(
+                "tag policy ON_TAG_ACCESS cannot serve a pinned VM: a page that must move when "
+                "the guest first touches its tags cannot move while it is pinned",
+                reason="POLICY_NOT_SUPPORTED",
+                tag_policy=config.tag_policy.value,
+                pinned=True,
+            )
+        if on_tag_access and not self.topology.mte_perm:
             raise FailedPreconditionError(
                 "tag policy ON_TAG_ACCESS needs a host with FEAT_MTE_PERM (mte_perm)",
                 reason="POLICY_NOT_SUPPORTED",
@@ -298,14 +323,15 @@ class Host:
         if slot is None:
             raise ResourceExhaustedError("vm_slots", f"at most {MAX_VMS} VMs")
         vm = Vm.create(slot, config, ps)
-        self.mem.mte_owner[slot] = config.mte_enabled
+        self.mem.owner_pool[slot] = self._untagged_pool(config)
+        self.mem.pinned_owner[slot] = config.pinned
         self._vms[config.vm_id] = vm
         self._by_slot[slot] = vm
-        if self._needs_prefault(vm):
+        if self._backs_up_front(vm):
             boot = vm.boot_ram
             first = vm.gfn_offset(boot.gpa)
             try:
-                self._prefault_tagged(vm, np.arange(first, first + boot.size_bytes // ps))
+                self._back(vm, np.arange(first, first + boot.size_bytes // ps))
             except TagStoreError:
                 self._forget_vm(vm)
                 raise
@@ -315,7 +341,8 @@ class Host:
     def _forget_vm(self, vm: Vm) -> None:
         del self._vms[vm.vm_id]
         del self._by_slot[vm.slot]
-        self.mem.mte_owner[vm.slot] = False
+        self.mem.owner_pool[vm.slot] = POOL_ANY
+        self.mem.pinned_owner[vm.slot] = False
 
     def get_vm(self, vm_id: str) -> VmStatus:
         return self._vm_status(self._vm(vm_id))
@@ -350,6 +377,8 @@ class Host:
             mapped_bytes=vm.mapped_pages * ps,
             tagged_bytes=vm.tagged_pages * ps,
             regions=tuple(regions),
+            pinned=c.pinned,
+            discarded_bytes=vm.discarded_pages * ps,
         )
 
     def _device_status(self, vm: Vm, d: MemoryDevice) -> MemoryDeviceStatus:
@@ -381,10 +410,10 @@ class Host:
         gpa = self._place(vm, size_bytes, ps)
         dev = MemoryDevice(device_id, MemoryDeviceKind.DIMM, gpa, size_bytes)
         vm.devices[device_id] = dev
-        if self._needs_prefault(vm):
+        if self._backs_up_front(vm):
             first = vm.gfn_offset(gpa)
             try:
-                self._prefault_tagged(vm, np.arange(first, first + size_bytes // ps))
+                self._back(vm, np.arange(first, first + size_bytes // ps))
             except TagStoreError:
                 del vm.devices[device_id]
                 raise
@@ -560,8 +589,8 @@ class Host:
 
     def _preallocates(self, vm: Vm, dev: MemoryDevice) -> bool:
         """Whether a PLUG on ``dev`` backs its blocks before it is ACKed: QEMU's ``prealloc``
-        device property, which an EAGER MTE guest implies."""
-        return dev.prealloc or self._needs_prefault(vm)
+        device property, which an EAGER MTE guest and a pinned guest imply."""
+        return dev.prealloc or self._backs_up_front(vm)
 
     def _plug_blocks(self, vm: Vm, dev: MemoryDevice, blocks: IndexArray) -> VirtioMemResponse:
         offs = self._block_offsets(vm, dev, blocks)
@@ -589,19 +618,14 @@ class Host:
         if cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS:
             self._prefault_tagged(vm, offs)
         else:
-            pages = self.mem.alloc_untagged(
-                offs.size, vm.slot, offs, mte_capable_only=cfg.mte_enabled
-            )
+            pages = self.mem.alloc_untagged(offs.size, vm.slot, offs, pool=self._untagged_pool(cfg))
             self._map(vm, offs, pages, tagged=False)
 
     def _backable_pages(self, vm: Vm) -> int:
-        mem = self.mem
         cfg = vm.config
         if cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS:
-            return mem.free_pages(TG_FREE)
-        if cfg.mte_enabled:
-            return mem.free_pages(TG_FREE) + mem.free_pages(TS_FREE)
-        return mem.free_pages(UT_FREE) + mem.free_pages(TG_FREE) + mem.free_pages(TS_FREE)
+            return self.mem.free_pages(TG_FREE)
+        return self.mem.untagged_capacity(self._untagged_pool(cfg))
 
     def _check_backable(self, vm: Vm, dev: MemoryDevice, requested_size_bytes: int) -> None:
         """Refuse a requested size a preallocating device could not back now: the admission
@@ -706,9 +730,9 @@ class Host:
             return FaultResult()
         unmapped = offs[s2 == 0]
         if not needs_tags:
-            # Untagged memory; an MTE guest's stays on MTE-capable RAM (may be lent tag storage).
+            # Untagged memory, from where the VM's pool allows (may be lent tag storage).
             pages = self.mem.alloc_untagged(
-                unmapped.size, vm.slot, unmapped, mte_capable_only=cfg.mte_enabled
+                unmapped.size, vm.slot, unmapped, pool=self._untagged_pool(cfg)
             )
             self._map(vm, unmapped, pages, tagged=False)
             return FaultResult(newly_mapped_pages=unmapped.size)
@@ -780,6 +804,13 @@ class Host:
         """
         vm = self._vm(vm_id)
         offs = self._guest_range(vm, gpa, length_bytes, MAX_FAULT_BYTES)
+        if vm.config.pinned:
+            raise FailedPreconditionError(
+                f"VM {vm_id!r} is pinned: its memory cannot be discarded (QEMU inhibits the "
+                "balloon and free page reporting while a VFIO device pins guest memory)",
+                reason="VM_PINNED",
+                vm_id=vm_id,
+            )
         s2 = vm.stage2[as_slice(offs)]
         pages = s2[s2 != 0].astype(np.int64) - 1
         nr_tagged = int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
@@ -1060,7 +1091,8 @@ class Host:
             vm.discarded_pages = int(entry.get("discarded_pages", 0))
             host._vms[vm.vm_id] = vm
             host._by_slot[vm.slot] = vm
-            mem.mte_owner[vm.slot] = vm.config.mte_enabled
+            mem.owner_pool[vm.slot] = host._untagged_pool(vm.config)
+            mem.pinned_owner[vm.slot] = vm.config.pinned
         host.counters.load_doc(t["counters"])
         return host
 

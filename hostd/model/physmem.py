@@ -78,6 +78,17 @@ PAGE_STATE_OF_FLAG = {
     TS_LENT: PageState.TAG_LENT,
     TS_RESERVED: PageState.TAG_RESERVED,
 }
+# Where an owner's untagged pages may live, in the order they are tried (see alloc_untagged).
+POOL_ANY = 0  # untaggable, taggable, then lent tag storage: a non-MTE guest
+POOL_MTE_CAPABLE = 1  # taggable, then lent tag storage: an MTE guest tagged at fault
+POOL_TAGGABLE_FIRST = 2  # taggable, untaggable, lent tag storage: ON_TAG_ACCESS (NoTagAccess)
+POOL_NOT_CMA = 3  # untaggable, then taggable, never tag storage: long-term pinned memory
+_POOL_KINDS = {
+    POOL_ANY: (KIND_UNTAGGABLE, KIND_TAGGABLE, KIND_TAG_STORAGE),
+    POOL_MTE_CAPABLE: (KIND_TAGGABLE, KIND_TAG_STORAGE),
+    POOL_TAGGABLE_FIRST: (KIND_TAGGABLE, KIND_UNTAGGABLE, KIND_TAG_STORAGE),
+    POOL_NOT_CMA: (KIND_UNTAGGABLE, KIND_TAGGABLE),
+}
 # Reserving a tag block is retried this many times with other pages (v2/v3: 3 tries).
 RESERVE_TRIES = 3
 # Smallest window a free-page scan looks at; scans grow geometrically from a hint.
@@ -199,8 +210,10 @@ class PhysicalMemory:
         self._emit = emit
         # Called with (owner slot, gfn offsets, new page indices) when guest pages move.
         self.on_remap: Callable[[int, IndexArray, IndexArray], None] = lambda *_: None
-        # Owner slots whose pages must stay on MTE-capable RAM (MTE guests).
-        self.mte_owner = np.zeros(1 << 16, dtype=bool)
+        # Per owner slot: where its untagged pages may live (POOL_*), and whether its memory is
+        # long-term pinned (never migrated, so never evacuated).
+        self.owner_pool = np.zeros(1 << 16, dtype=np.uint8)
+        self.pinned_owner = np.zeros(1 << 16, dtype=bool)
 
         ps = self.page_size
         spans: list[tuple[int, int, int, int, int]] = []  # base, size, kind, region, sub-index
@@ -492,27 +505,31 @@ class PhysicalMemory:
 
     # ----------------------------------------------------------------- untagged allocation
 
+    def untagged_capacity(self, pool: int) -> int:
+        """Free pages an owner of ``pool`` could get for untagged data."""
+        return sum(int(self.seg_counts[s.index, s.free_flag]) for s in self._pool_segments(pool))
+
+    def _pool_segments(self, pool: int) -> list[Segment]:
+        kinds = _POOL_KINDS[pool]
+        if self.static:
+            kinds = tuple(k for k in kinds if k != KIND_TAG_STORAGE)
+        return [s for k in kinds for s in self.segments if s.kind == k]
+
     def alloc_untagged(
         self,
         n: int,
         owner: int | npt.NDArray[np.uint16],
         gfn_offs: IndexArray,
         *,
-        mte_capable_only: bool,
+        pool: int,
     ) -> IndexArray:
-        """Allocate ``n`` pages of movable untagged data.
-
-        Order: untaggable ranges (unless the owner is an MTE guest, whose memory must be
-        MTE-capable), then taggable ranges, then free tag storage, which is thereby *lent*
-        (dynamic mode only). Raises ResourceExhaustedError("memory") with nothing changed.
+        """Allocate ``n`` pages of movable untagged data from the ranges ``pool`` allows, in
+        its order (``POOL_*``). Free tag storage taken here is thereby *lent* (dynamic mode
+        only). Raises ResourceExhaustedError("memory") with nothing changed.
         """
         if n == 0:
             return np.empty(0, np.int64)
-        pools = [s for s in self.segments if s.kind == KIND_TAGGABLE]
-        if not mte_capable_only:
-            pools = [s for s in self.segments if s.kind == KIND_UNTAGGABLE] + pools
-        if not self.static:
-            pools += [s for s in self.segments if s.kind == KIND_TAG_STORAGE]
+        pools = self._pool_segments(pool)
         available = sum(int(self.seg_counts[s.index, s.free_flag]) for s in pools)
         require_pages(RESOURCE_MEMORY, "free pages for untagged data", n, available)
         picked: list[IndexArray] = []
@@ -779,12 +796,15 @@ class PhysicalMemory:
         if lent_mask.any():
             lent_owner = np.where(lent_mask, self.owner[tag_idx], 0)
             need_any = lent_mask.sum(axis=1)
-            need_mte = (lent_mask & self.mte_owner[lent_owner]).sum(axis=1)
+            need_mte = (lent_mask & (self.owner_pool[lent_owner] == POOL_MTE_CAPABLE)).sum(axis=1)
             cap_mte = self.free_pages(TG_FREE) + self.free_pages(TS_FREE)
             cap_any = cap_mte + self.free_pages(UT_FREE)
             # Only blocks with lent data draw on the room to evacuate into; a block that needs
             # no evacuation is reserved whatever happens to the others.
             ok = (np.cumsum(need_any) <= cap_any) & (np.cumsum(need_mte) <= cap_mte)
+            # A pinned page cannot be migrated: alloc_contig_range() fails with -EBUSY, and the
+            # caller tries other blocks (RESERVE_TRIES).
+            ok &= ~(lent_mask & self.pinned_owner[lent_owner]).any(axis=1)
             ok |= need_any == 0
             src = tag_idx[ok][lent_mask[ok]]
             evacuated = int(src.size)
@@ -824,13 +844,11 @@ class PhysicalMemory:
         """Move the lent data in tag storage pages ``src`` elsewhere; ``src`` become reserved."""
         owners = self.owner[src]
         gfns = self.ts_gfn[self._ts_slot(src)].astype(np.int64)
-        is_mte = self.mte_owner[owners]
+        pools = self.owner_pool[owners]
         dst = np.empty_like(src)
-        for mask, mte_only in ((is_mte, True), (~is_mte, False)):
-            if mask.any():
-                dst[mask] = self.alloc_untagged(
-                    int(mask.sum()), owners[mask], gfns[mask], mte_capable_only=mte_only
-                )
+        for pool in np.unique(pools).tolist():
+            mask = pools == pool
+            dst[mask] = self.alloc_untagged(int(mask.sum()), owners[mask], gfns[mask], pool=pool)
         # Tags go before the source is given up (a no-op for untagged data, kept for order).
         self.tags.move(src, dst)
         for slot in np.unique(owners):

@@ -31,10 +31,16 @@ TAG_STORAGE_RATIO = 32
 
 
 class TagPolicy(enum.Enum):
-    """When the host provides tag storage for an MTE guest's memory (DOMAIN.md §4)."""
+    """When the host provides tag storage for an MTE guest's memory (docs/domain.md, "KVM and
+    guests")."""
 
+    # On the stage-2 fault that maps a page (the series' v3 32/35; also what its VM_MTE_KVM
+    # flag amounts to: memory tagged when first allocated, nothing reserved up front).
     ON_FAULT = "ON_FAULT"
+    # Preallocation: QEMU prealloc=on for an MTE guest. All memory is backed, tagged and its tag
+    # storage reserved when the memslot or plugged block appears, so no later fault can fail.
     EAGER = "EAGER"
+    # Mapped NoTagAccess (FEAT_MTE_PERM); tag storage only on the guest's first tag access.
     ON_TAG_ACCESS = "ON_TAG_ACCESS"
 
 
@@ -125,6 +131,9 @@ class VmConfig:
     dimm_slots: int = 0
     # Boot RAM plus every DIMM and virtio-mem region; 0 means "boot RAM only".
     max_memory_bytes: int = 0
+    # A passthrough (VFIO) device long-term-pins all guest memory: it is backed when it appears,
+    # never placed in lent tag storage, never migrated, and cannot be discarded.
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,9 @@ class VmStatus:
     tagged_bytes: int
     # Boot RAM first, then devices in address order.
     regions: tuple[MemoryDeviceStatus, ...]
+    pinned: bool = False
+    # Guest memory the VMM discarded so far (free page reporting, balloon).
+    discarded_bytes: int = 0
 
 
 @dataclass(frozen=True)

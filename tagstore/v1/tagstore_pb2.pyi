@@ -202,13 +202,14 @@ class Region(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_base: _Optional[int] = ..., memory_size: _Optional[int] = ..., tag_base: _Optional[int] = ..., tag_size: _Optional[int] = ..., block_size: _Optional[int] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., data_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., tag_storage_bytes: _Optional[int] = ..., tag_reserved_bytes: _Optional[int] = ..., tag_lent_bytes: _Optional[int] = ..., tag_blocks_total: _Optional[int] = ..., tag_blocks_reserved: _Optional[int] = ..., tag_blocks_min_needed: _Optional[int] = ..., tagged_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateVmRequest(_message.Message):
-    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "request_id")
+    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "pinned", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     MTE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TAG_POLICY_FIELD_NUMBER: _ClassVar[int]
     BOOT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIMM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     mte_enabled: bool
@@ -216,8 +217,9 @@ class CreateVmRequest(_message.Message):
     boot_memory_bytes: int
     dimm_slots: int
     max_memory_bytes: int
+    pinned: bool
     request_id: str
-    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetVmRequest(_message.Message):
     __slots__ = ("vm_id",)
@@ -250,7 +252,7 @@ class DestroyVmResponse(_message.Message):
     def __init__(self, vm: _Optional[_Union[Vm, _Mapping]] = ...) -> None: ...
 
 class Vm(_message.Message):
-    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "mapped_bytes", "tagged_bytes", "regions", "vm_token")
+    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "mapped_bytes", "tagged_bytes", "regions", "pinned", "discarded_bytes", "vm_token")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     MTE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TAG_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +262,8 @@ class Vm(_message.Message):
     MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TAGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_BYTES_FIELD_NUMBER: _ClassVar[int]
     VM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     mte_enabled: bool
@@ -270,8 +274,10 @@ class Vm(_message.Message):
     mapped_bytes: int
     tagged_bytes: int
     regions: _containers.RepeatedCompositeFieldContainer[MemoryDevice]
+    pinned: bool
+    discarded_bytes: int
     vm_token: str
-    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryDevice, _Mapping]]] = ..., vm_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryDevice, _Mapping]]] = ..., pinned: _Optional[bool] = ..., discarded_bytes: _Optional[int] = ..., vm_token: _Optional[str] = ...) -> None: ...
 
 class MemoryDevice(_message.Message):
     __slots__ = ("device_id", "kind", "gpa", "size", "plugged_size", "mapped_bytes", "tagged_bytes", "dimm", "virtio_mem")
@@ -428,6 +434,28 @@ class VirtioMemRequestResponse(_message.Message):
     response: VirtioMemResponse
     state: VirtioMemBlockState
     def __init__(self, response: _Optional[_Union[VirtioMemResponse, str]] = ..., state: _Optional[_Union[VirtioMemBlockState, str]] = ...) -> None: ...
+
+class DiscardGuestMemoryRequest(_message.Message):
+    __slots__ = ("vm_id", "gpa", "length", "request_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    gpa: int
+    length: int
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DiscardGuestMemoryResponse(_message.Message):
+    __slots__ = ("discarded_bytes", "tagged_bytes", "tag_blocks_released")
+    DISCARDED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAG_BLOCKS_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    discarded_bytes: int
+    tagged_bytes: int
+    tag_blocks_released: int
+    def __init__(self, discarded_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., tag_blocks_released: _Optional[int] = ...) -> None: ...
 
 class CopyTagsRequest(_message.Message):
     __slots__ = ("vm_id", "gpa", "length", "direction", "tags", "request_id")

@@ -90,6 +90,11 @@ class TagStorageStub:
                 request_serializer=tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestRequest.SerializeToString,
                 response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestResponse.FromString,
                 _registered_method=True)
+        self.DiscardGuestMemory = channel.unary_unary(
+                '/tagstore.v1.TagStorage/DiscardGuestMemory',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.FromString,
+                _registered_method=True)
         self.CopyTags = channel.unary_unary(
                 '/tagstore.v1.TagStorage/CopyTags',
                 request_serializer=tagstore_dot_v1_dot_tagstore__pb2.CopyTagsRequest.SerializeToString,
@@ -203,6 +208,15 @@ class TagStorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DiscardGuestMemory(self, request, context):
+        """Discards a guest range the guest gave back (free page reporting, balloon inflation: the
+        VMM's MADV_DONTNEED): its host pages are freed with their tags, and a tag block with its last
+        tagged page. A later access maps fresh zeroed, untagged memory. Refused for a pinned VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CopyTags(self, request, context):
         """Writes or reads guest tags, as KVM_ARM_MTE_COPY_TAGS does: one tag per byte, one byte per
         16-byte granule.
@@ -295,6 +309,11 @@ def add_TagStorageServicer_to_server(servicer, server):
                     servicer.VirtioMemRequest,
                     request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestRequest.FromString,
                     response_serializer=tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestResponse.SerializeToString,
+            ),
+            'DiscardGuestMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardGuestMemory,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.SerializeToString,
             ),
             'CopyTags': grpc.unary_unary_rpc_method_handler(
                     servicer.CopyTags,
@@ -615,6 +634,33 @@ class TagStorage:
             '/tagstore.v1.TagStorage/VirtioMemRequest',
             tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestRequest.SerializeToString,
             tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardGuestMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/DiscardGuestMemory',
+            tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

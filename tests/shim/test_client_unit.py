@@ -167,6 +167,7 @@ def test_the_public_surface_is_pinned() -> None:
         "TAG_POLICIES",
         "AlreadyExists",
         "DeviceInfo",
+        "DiscardOutcome",
         "DriveResult",
         "EventInfo",
         "EventStream",

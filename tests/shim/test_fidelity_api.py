@@ -1,6 +1,7 @@
 """How the vmm_shim virtio-mem driver loop reacts to NACK and BUSY, as Linux's driver does
 (drivers/virtio/virtio_mem.c): NACK means "the config changed" and is acted on at once; BUSY
-means "not now" and is retried later on a backoff timer, so the loop stops and says so."""
+means "not now" and is retried later on a backoff timer, so the loop stops and says so. Also
+memory given back (DiscardGuestMemory) and pinned VMs through the real daemon and the CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import HostdProcess
-from vmm_shim import HostClient, VmHandle
+from tests.shim.conftest import CliRun
+from vmm_shim import FailedPrecondition, HostClient, VmHandle
 from vmm_shim.units import GiB, MiB
 
 pytestmark = pytest.mark.integration
@@ -82,3 +84,46 @@ def test_driver_rereads_the_config_at_once_on_nack(small: HostClient) -> None:
     assert 4 * MiB == result.plugged_size == result.requested_size
     assert [] == small.check_invariants()
     vm.destroy()
+
+
+# ----------------------------------------------------------------- memory given back, pinned
+
+
+def test_discard_through_the_daemon_gives_memory_and_tag_storage_back(host: HostClient) -> None:
+    """DiscardGuestMemory (free page reporting / balloon) frees the range's pages, tags and
+    emptied tag blocks on the real daemon; the VM reports what it gave back."""
+    vm = mte_vm(host, "giver", 64 * MiB)
+    vm.fault(vm.boot_gpa, 8 * MiB, "WRITE")
+    before = host.host_status()
+    outcome = vm.discard(vm.boot_gpa, 8 * MiB)
+    assert (8 * MiB, 8 * MiB) == (outcome.discarded_bytes, outcome.tagged_bytes)
+    assert 0 < outcome.tag_blocks_released
+    after = host.host_status()
+    assert before.tag_blocks_reserved - outcome.tag_blocks_released == after.tag_blocks_reserved
+    assert (0, 8 * MiB) == (vm.info().mapped_bytes, vm.info().discarded_bytes)
+    assert [] == host.check_invariants()
+    vm.destroy()
+
+
+def test_pinned_vm_through_the_daemon_is_backed_and_refuses_discard(host: HostClient) -> None:
+    """A pinned VM is backed at creation; a discard on it is FAILED_PRECONDITION VM_PINNED."""
+    vm = host.create_vm("pinned", mte_enabled=False, boot_memory_bytes=16 * MiB, pinned=True)
+    info = vm.info()
+    assert (True, 16 * MiB) == (info.pinned, info.mapped_bytes)
+    with pytest.raises(FailedPrecondition) as caught:
+        vm.discard(vm.boot_gpa, MiB)
+    assert "VM_PINNED" == caught.value.reason
+    vm.destroy()
+
+
+def test_cli_discard_prints_what_was_given_back(cli: Callable[..., CliRun]) -> None:
+    """``vmm-shim discard VM GPA LENGTH`` prints the bytes and tag blocks given back; nonsense
+    arguments are a usage error, not a traceback."""
+    assert 0 == cli("vm", "create", "cli-giver", "--memory", "64MiB").code
+    assert 0 == cli("fault", "cli-giver", "0x40000000", "2MiB").code
+    run = cli("discard", "cli-giver", "0x40000000", "4MiB")
+    assert (0, "discarded 2MiB (2MiB tagged), released") == (run.code, run.out[:38])
+    bad = cli("discard", "cli-giver", "0x40000001", "4MiB")
+    assert 0 != bad.code
+    assert "gpa" in bad.err
+    assert 0 == cli("vm", "destroy", "cli-giver").code
