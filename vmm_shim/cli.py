@@ -165,6 +165,8 @@ def _vm_text(vm: VmInfo) -> str:
         f"{vm.dimm_slots} DIMM slot(s), mapped {format_size(vm.mapped_bytes)}, "
         f"tagged {format_size(vm.tagged_bytes)}"
     )
+    if vm.huge_page_bytes:
+        head += f", {format_size(vm.huge_page_bytes)} in huge pages"
     if vm.pinned:
         head += ", pinned"
     if vm.discarded_bytes:
@@ -207,6 +209,7 @@ def _vm_create(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
         dimm_slots=args.dimm_slots,
         max_memory_bytes=args.max_memory,
         pinned=args.pinned,
+        backing_page_size=args.backing_page_size,
     )
     info = vm.info()
     return info, _vm_text(info)
@@ -421,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument(
         "--pinned", action="store_true", help="memory pinned by a passthrough (VFIO) device"
+    )
+    create.add_argument(
+        "--backing-page-size",
+        type=_size,
+        default=0,
+        help="host page backing guest RAM: 2MiB THP, 1GiB hugetlb (4K hosts); default small",
     )
     _add(vm, "list", _vm_list, "list VMs", json_flag)
     for name, handler, help_text in (

@@ -357,6 +357,8 @@ class VmInfo:
     regions: list[DeviceInfo]
     pinned: bool = False
     discarded_bytes: int = 0
+    backing_page_size: int = 0
+    huge_page_bytes: int = 0
 
     def device(self, device_id: str) -> DeviceInfo:
         """The region named ``device_id``; KeyError if the VM has none."""
@@ -524,6 +526,8 @@ def _vm_info(v: pb.Vm) -> VmInfo:
         regions=[_device_info(d) for d in v.regions],
         pinned=v.pinned,
         discarded_bytes=v.discarded_bytes,
+        backing_page_size=v.backing_page_size,
+        huge_page_bytes=v.huge_page_bytes,
     )
 
 
@@ -683,10 +687,12 @@ class HostClient:
         dimm_slots: int = 0,
         max_memory_bytes: int = 0,
         pinned: bool = False,
+        backing_page_size: int = 0,
     ) -> VmHandle:
         """Create a VM (boot RAM at :data:`BOOT_RAM_GPA`). ``tag_policy`` is one of
         :data:`TAG_POLICIES`; None sends UNSPECIFIED (accepted only without MTE). ``pinned``:
-        a passthrough device pins all guest memory (backed at once, never in tag storage)."""
+        a passthrough device pins all guest memory (backed at once, never in tag storage).
+        ``backing_page_size``: 0 (host pages), the THP size or the hugetlb size."""
         request = pb.CreateVmRequest(
             vm_id=vm_id,
             mte_enabled=mte_enabled,
@@ -699,6 +705,7 @@ class HostClient:
             dimm_slots=dimm_slots,
             max_memory_bytes=max_memory_bytes,
             pinned=pinned,
+            backing_page_size=backing_page_size,
         )
         self._unary("CreateVm", request, safe=False)
         return VmHandle(self, vm_id)

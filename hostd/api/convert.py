@@ -95,6 +95,7 @@ def vm_config_from_proto(request: pb.CreateVmRequest) -> VmConfig:
         dimm_slots=request.dimm_slots,
         max_memory_bytes=request.max_memory_bytes,
         pinned=request.pinned,
+        backing_page_size_bytes=request.backing_page_size,
     )
 
 
@@ -227,6 +228,8 @@ def vm_to_proto(vm: VmStatus) -> pb.Vm:
         regions=[memory_device_to_proto(r) for r in vm.regions],
         pinned=vm.pinned,
         discarded_bytes=vm.discarded_bytes,
+        backing_page_size=vm.backing_page_size_bytes,
+        huge_page_bytes=vm.huge_page_bytes,
     )
 
 

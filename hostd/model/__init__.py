@@ -26,6 +26,7 @@ from hostd.model.topology import (
 from hostd.model.types import (
     BOOT_RAM_GPA,
     Access,
+    BackingKind,
     DiscardResult,
     FaultResult,
     GiB,
@@ -63,6 +64,7 @@ __all__ = [
     "BOOT_RAM_GPA",
     "Access",
     "AlreadyExistsError",
+    "BackingKind",
     "ConfigError",
     "DiscardResult",
     "Event",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -57,9 +57,13 @@ from hostd.model.physmem import (
 )
 from hostd.model.topology import HostTopology, parse_topology
 from hostd.model.types import (
+    BOOT_RAM_GPA,
+    HUGETLB_BYTES,
     MAX_FAULT_BYTES,
     MTE_GRANULE_BYTES,
+    THP_BYTES,
     Access,
+    BackingKind,
     DiscardResult,
     FaultResult,
     HostCounters,
@@ -83,6 +87,7 @@ from hostd.model.types import (
     VirtioMemResponse,
     VmConfig,
     VmStatus,
+    backing_kind,
 )
 from hostd.model.vm import MemoryDevice, Vm
 
@@ -244,10 +249,14 @@ class Host:
         vm.tagged_pages -= int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
         vm.mapped_pages -= pages.size
         vm.stage2[offs[mapped]] = 0
+        vm.split_folios(offs[mapped])
         self.mem.free(pages)
 
     def _remap(self, slot: int, offs: IndexArray, pages: IndexArray) -> None:
-        self._by_slot[slot].stage2[offs] = (pages + 1).astype(np.uint32)
+        vm = self._by_slot[slot]
+        vm.stage2[offs] = (pages + 1).astype(np.uint32)
+        # A migrated page leaves its folio: the THP is split.
+        vm.split_folios(offs)
 
     def _prefault_tagged(self, vm: Vm, offs: IndexArray) -> int:
         """Back guest pages with tagged memory now, so later faults cannot fail."""
@@ -300,6 +309,24 @@ class Host:
             )
         if not 0 <= config.dimm_slots <= MAX_DIMM_SLOTS:
             raise InvalidArgumentError("dimm_slots", config.dimm_slots, f"0..{MAX_DIMM_SLOTS}")
+        kind = backing_kind(ps, config.backing_page_size_bytes)
+        if kind is None:
+            raise InvalidArgumentError(
+                "backing_page_size",
+                config.backing_page_size_bytes,
+                f"must be 0 or the page size ({ps:#x}), the THP size "
+                f"({THP_BYTES[ps]:#x}) or the hugetlb size ({HUGETLB_BYTES[ps]:#x})",
+            )
+        config = replace(config, backing_page_size_bytes=max(config.backing_page_size_bytes, ps))
+        huge_bytes = config.backing_page_size_bytes
+        if kind is BackingKind.HUGETLB and config.boot_memory_bytes % huge_bytes:
+            # QEMU: a hugetlbfs memory backend's size must be a multiple of its page size.
+            raise InvalidArgumentError(
+                "boot_memory_bytes",
+                config.boot_memory_bytes,
+                f"must be a multiple of the hugetlb page size "
+                f"({config.backing_page_size_bytes:#x})",
+            )
         on_tag_access = config.mte_enabled and config.tag_policy is TagPolicy.ON_TAG_ACCESS
         if on_tag_access and config.pinned:
             raise FailedPreconditionError(
@@ -379,6 +406,8 @@ class Host:
             regions=tuple(regions),
             pinned=c.pinned,
             discarded_bytes=vm.discarded_pages * ps,
+            backing_page_size_bytes=c.backing_page_size_bytes,
+            huge_page_bytes=vm.huge_pages * ps,
         )
 
     def _device_status(self, vm: Vm, d: MemoryDevice) -> MemoryDeviceStatus:
@@ -395,9 +424,10 @@ class Host:
         vm = self._vm(vm_id)
         _check_id("device_id", device_id)
         ps = self.page_size
-        if size_bytes <= 0 or size_bytes % ps:
+        unit = self._hugetlb_bytes(vm) or ps
+        if size_bytes <= 0 or size_bytes % unit:
             raise InvalidArgumentError(
-                "size_bytes", size_bytes, f"must be a non-zero multiple of {ps:#x}"
+                "size_bytes", size_bytes, f"must be a non-zero multiple of {unit:#x}"
             )
         self._check_new_device(vm, device_id)
         if vm.nr_dimms() >= vm.config.dimm_slots:
@@ -438,6 +468,12 @@ class Host:
                 config.region_size_bytes,
                 f"must be a non-zero multiple of block_size ({bs:#x})",
             )
+        hugetlb = self._hugetlb_bytes(vm)
+        if hugetlb and bs % hugetlb:
+            # QEMU: the block size must be at least the memory backend's page size.
+            raise InvalidArgumentError(
+                "block_size", bs, f"must be a multiple of the VM's hugetlb page size ({hugetlb:#x})"
+            )
         self._check_requested(config.requested_size_bytes, bs, config.region_size_bytes)
         self._check_new_device(vm, device_id)
         gpa = self._place(vm, config.region_size_bytes, bs)
@@ -475,8 +511,19 @@ class Host:
                 device_id=device_id,
             )
 
+    def _hugetlb_bytes(self, vm: Vm) -> int:
+        """The VM's hugetlb page size, or 0 when it is not backed by hugetlbfs."""
+        size = vm.config.backing_page_size_bytes
+        return size if backing_kind(self.page_size, size) is BackingKind.HUGETLB else 0
+
     def _place(self, vm: Vm, size_bytes: int, align_bytes: int) -> int:
-        gpa = vm.place_device(size_bytes, align_bytes)
+        # Folios are aligned in the stage-2 map (as in the memory backend), counted from boot
+        # RAM: a device starts on a folio boundary so that it can be backed by whole folios.
+        folio_bytes = vm.folio_pages * self.page_size
+        if folio_bytes > align_bytes:
+            gpa = vm.place_device(size_bytes, folio_bytes, origin=BOOT_RAM_GPA)
+        else:
+            gpa = vm.place_device(size_bytes, align_bytes)
         if gpa is None:
             raise ResourceExhaustedError(
                 RESOURCE_GUEST_ADDRESS_SPACE,
@@ -615,11 +662,20 @@ class Host:
         """Back guest pages ``offs`` (not mapped yet) now, as a preallocation does: tagged for
         an MTE guest whose policy provides tags at fault, untagged otherwise."""
         cfg = vm.config
-        if cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS:
-            self._prefault_tagged(vm, offs)
-        else:
-            pages = self.mem.alloc_untagged(offs.size, vm.slot, offs, pool=self._untagged_pool(cfg))
-            self._map(vm, offs, pages, tagged=False)
+        tagged = cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
+        folio_offs = np.empty(0, np.int64)
+        if vm.folio_pages > 1:
+            offs, folio_offs, _ = self._map_folios(vm, offs, tagged=tagged)
+        try:
+            if tagged:
+                self._prefault_tagged(vm, offs)
+            else:
+                pool = self._untagged_pool(cfg)
+                pages = self.mem.alloc_untagged(offs.size, vm.slot, offs, pool=pool)
+                self._map(vm, offs, pages, tagged=False)
+        except TagStoreError:
+            self._unmap(vm, folio_offs)
+            raise
 
     def _backable_pages(self, vm: Vm) -> int:
         cfg = vm.config
@@ -729,6 +785,101 @@ class Host:
         if self._mapped_as_wanted(vm, s2, access):
             return FaultResult()
         unmapped = offs[s2 == 0]
+        on_tag_access = cfg.mte_enabled and cfg.tag_policy is TagPolicy.ON_TAG_ACCESS
+        if on_tag_access and access is Access.TAG and vm.folio_pages > 1:
+            # Tag storage is reserved per folio: a tag access to a huge folio tags all of it
+            # (pages that cannot be tagged in place move, which splits the folio).
+            fp = vm.folio_pages
+            folios = np.unique(offs // fp)
+            folios = folios[vm.huge[folios]]
+            if folios.size:
+                offs = np.union1d(offs, (folios[:, None] * fp + np.arange(fp)).ravel())
+                s2 = vm.stage2[offs]
+            return self._fault_pages(vm, offs, s2, unmapped, needs_tags)
+        if vm.folio_pages == 1 or not unmapped.size:
+            return self._fault_pages(vm, offs, s2, unmapped, needs_tags)
+        unmapped, folio_offs, folio_reserved = self._map_folios(vm, unmapped, tagged=needs_tags)
+        try:
+            rest = self._fault_pages(vm, offs, vm.stage2[as_slice(offs)], unmapped, needs_tags)
+        except TagStoreError:
+            self._unmap(vm, folio_offs)  # a refused fault maps nothing
+            raise
+        return FaultResult(
+            newly_mapped_pages=rest.newly_mapped_pages + folio_offs.size,
+            tag_blocks_reserved=rest.tag_blocks_reserved + folio_reserved,
+            pages_migrated=rest.pages_migrated,
+            replays=rest.replays,
+        )
+
+    def _map_folios(
+        self, vm: Vm, unmapped: IndexArray, *, tagged: bool
+    ) -> tuple[IndexArray, IndexArray, int]:
+        """Back whole huge folios of a fault: every folio touched by ``unmapped`` that is wholly
+        unmapped, plugged and inside one device gets one contiguous, aligned host folio (the
+        fault maps and reserves tag storage for all of it, as v3 does by ``folio_order``).
+
+        Returns the offsets left for small pages, the offsets mapped here and the tag blocks
+        reserved. When the host has no such folios left (fragmentation), THP falls back to
+        small pages and hugetlb refuses the fault (ResourceExhaustedError, nothing mapped).
+        """
+        fp = vm.folio_pages
+        ps = self.page_size
+        empty = np.empty(0, np.int64)
+        folios = np.unique(unmapped // fp)
+        folios = folios[(folios + 1) * fp <= vm.stage2.size]
+        if folios.size == 0:
+            return unmapped, empty, 0
+        starts = folios * fp
+        lo = int(starts[0])
+        nr = int(starts[-1]) + fp - lo
+        span = vm.stage2[lo : lo + nr].reshape(-1, fp) if nr == folios.size * fp else None
+        if span is None:
+            whole = (vm.stage2[starts[:, None] + np.arange(fp)] == 0).all(axis=1)
+        else:
+            whole = (span == 0).all(axis=1)
+        plugged = vm.plugged_mask(BOOT_RAM_GPA + lo * ps, nr)
+        rel = starts - lo
+        whole &= plugged[rel[:, None] + np.arange(fp)].all(axis=1)
+        bounds = np.array(sorted(vm.gfn_offset(d.gpa) for d in vm.devices.values()), np.int64)
+        whole &= np.searchsorted(bounds, starts, "right") == np.searchsorted(
+            bounds, starts + fp - 1, "right"
+        )
+        take = folios[whole]
+        if take.size == 0:
+            return unmapped, empty, 0
+        offs = (take[:, None] * fp + np.arange(fp)).ravel()
+        try:
+            pages, reserved = self.mem.alloc_folios(
+                take.size,
+                fp,
+                vm.slot,
+                offs,
+                tagged=tagged,
+                pool=self._untagged_pool(vm.config),
+            )
+        except ResourceExhaustedError:
+            if self._hugetlb_bytes(vm):
+                raise  # hugetlbfs has no fallback: the fault fails (SIGBUS in the VMM)
+            self.counters.add(self.counters.huge_folios, "fallback", take.size)
+            return unmapped, empty, 0
+        self._map(vm, offs, pages, tagged=tagged)
+        vm.huge[take] = True
+        self.counters.add(self.counters.huge_folios, "mapped", take.size)
+        return unmapped[~np.isin(unmapped // fp, take)], offs, reserved
+
+    def _fault_pages(
+        self,
+        vm: Vm,
+        offs: IndexArray,
+        s2: npt.NDArray[np.uint32],
+        unmapped: IndexArray,
+        needs_tags: bool,
+    ) -> FaultResult:
+        """The small-page part of a fault: map ``unmapped`` page by page (vectorised) and, for
+        ON_TAG_ACCESS tag accesses, tag or move the mapped untagged pages of ``offs``."""
+        cfg = vm.config
+        if not unmapped.size and not (needs_tags and bool((s2 != 0).any())):
+            return FaultResult()
         if not needs_tags:
             # Untagged memory, from where the VM's pool allows (may be lent tag storage).
             pages = self.mem.alloc_untagged(
@@ -776,6 +927,7 @@ class Host:
         if to_move.size:
             old = vm.stage2[to_move].astype(np.int64) - 1
             moved_to = pages[n_new:]
+            vm.split_folios(to_move)
             # Restore tags on the destination before the source is given up.
             self.mem.tags.move(old, moved_to)
             vm.stage2[to_move] = (moved_to + 1).astype(np.uint32)
@@ -810,6 +962,13 @@ class Host:
                 "balloon and free page reporting while a VFIO device pins guest memory)",
                 reason="VM_PINNED",
                 vm_id=vm_id,
+            )
+        hugetlb = self._hugetlb_bytes(vm)
+        if hugetlb and ((gpa - BOOT_RAM_GPA) % hugetlb or length_bytes % hugetlb):
+            # MADV_DONTNEED on hugetlbfs takes whole huge pages (EINVAL otherwise).
+            field, value = ("length", length_bytes) if length_bytes % hugetlb else ("gpa", gpa)
+            raise InvalidArgumentError(
+                field, value, f"must be aligned to the VM's hugetlb page size ({hugetlb:#x})"
             )
         s2 = vm.stage2[as_slice(offs)]
         pages = s2[s2 != 0].astype(np.int64) - 1
@@ -1018,6 +1177,8 @@ class Host:
         vms: list[dict[str, Any]] = []
         for vm in self._vms.values():
             arrays[f"vm{vm.slot}_stage2"] = vm.stage2.copy()
+            if vm.folio_pages > 1:
+                arrays[f"vm{vm.slot}_huge"] = vm.huge.copy()
             devices = []
             for i, d in enumerate(vm.devices.values()):
                 if d.is_virtio_mem:
@@ -1085,6 +1246,8 @@ class Host:
                     dev.plugged = a[f"vm{vm.slot}_dev{d['index']}_plugged"].astype(bool)
                 vm.devices[dev.device_id] = dev
             vm.stage2[:] = a[f"vm{vm.slot}_stage2"]
+            if vm.folio_pages > 1 and f"vm{vm.slot}_huge" in a:
+                vm.huge[:] = a[f"vm{vm.slot}_huge"]
             pages = vm.stage2[vm.stage2 != 0].astype(np.int64) - 1
             vm.mapped_pages = pages.size
             vm.tagged_pages = int(np.count_nonzero(mem.flags[pages] == TG_TAGGED))

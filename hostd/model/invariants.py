@@ -189,6 +189,36 @@ def check(host: Host) -> list[str]:
         )
     out += check_pinned(host)
     out += check_owner_pools(host)
+    out += check_folios(host)
+    return out
+
+
+def check_folios(host: Host) -> list[str]:
+    """A folio marked huge is mapped whole to one physically contiguous run of host pages,
+    aligned to the folio size in pfn space, all in the same state."""
+    mem = host.mem
+    out: list[str] = []
+    for vm in host.vms.values():
+        fp = vm.folio_pages
+        if fp == 1:
+            if vm.huge.any():
+                out.append(f"VM {vm.vm_id}: small-page VM with huge folios")
+            continue
+        folios = np.flatnonzero(vm.huge).astype(np.int64)
+        if folios.size == 0:
+            continue
+        s2 = vm.stage2[folios[:, None] * fp + np.arange(fp)].astype(np.int64)
+        if not s2.all():
+            out.append(f"VM {vm.vm_id}: huge folios not mapped whole")
+            continue
+        pages = s2 - 1
+        if not (np.diff(pages, axis=1) == 1).all():
+            out.append(f"VM {vm.vm_id}: huge folios not physically contiguous")
+        if (mem.pfn_of(pages[:, 0]) % fp).any():
+            out.append(f"VM {vm.vm_id}: huge folios not aligned to their size")
+        fl = mem.flags[pages]
+        if not (fl == fl[:, :1]).all():
+            out.append(f"VM {vm.vm_id}: huge folios with pages in different states")
     return out
 
 

@@ -544,6 +544,121 @@ class PhysicalMemory:
         self._claim(idx, USE_DATA, owner, gfn_offs)
         return idx
 
+    # ----------------------------------------------------------------- huge folios
+
+    def _free_folios(
+        self, seg: Segment, nr: int, folio_pages: int, skip: IndexArray | None
+    ) -> IndexArray:
+        """First indices of up to ``nr`` wholly free folios of ``seg``: ``folio_pages``
+        physically contiguous pages aligned to ``folio_pages`` in pfn space, scanned from the
+        segment's free hint in growing windows (vectorised per window)."""
+        fp = folio_pages
+        # First folio boundary at or above the hint, in dense indices (pfn-aligned).
+        lead = (-seg.base_pfn) % fp
+        first = seg.start + lead + -(-max(seg.hint - lead, 0) // fp) * fp
+        found: list[IndexArray] = []
+        got = 0
+        pos = first
+        window = max(SCAN_WINDOW_MIN, 4 * nr * fp) // fp * fp
+        while got < nr and pos + fp <= seg.end:
+            hi = min(seg.end, pos + window)
+            k = (hi - pos) // fp
+            if k == 0:
+                break
+            free = (self.flags[pos : pos + k * fp] == seg.free_flag).reshape(k, fp).all(axis=1)
+            starts = np.flatnonzero(free).astype(np.int64) * fp + pos
+            if skip is not None and skip.size and starts.size:
+                starts = starts[~np.isin(starts, skip)]
+            take = starts[: nr - got]
+            found.append(take)
+            got += take.size
+            pos += k * fp
+            window *= 2
+        return np.concatenate(found) if found else np.empty(0, np.int64)
+
+    def alloc_folios(
+        self,
+        nr_folios: int,
+        folio_pages: int,
+        owner: int,
+        gfn_offs: IndexArray,
+        *,
+        tagged: bool,
+        pool: int,
+    ) -> tuple[IndexArray, int]:
+        """Allocate ``nr_folios`` huge folios (physically contiguous, aligned runs of
+        ``folio_pages`` pages) for guest offsets ``gfn_offs`` (folio after folio), tagged or
+        untagged (from ``pool``'s ranges). A tagged folio's tag storage is a contiguous run of
+        blocks, reserved as a whole (the series reserves by ``folio_order``); a folio whose
+        blocks cannot be reserved is given up for another (RESERVE_TRIES).
+
+        Returns ``(pages, tag blocks reserved)``; raises ResourceExhaustedError, with no page
+        left allocated, when fragmentation (or a lack of memory or tag storage) leaves too few
+        folios: THP then falls back to small pages, hugetlb fails.
+        """
+        fp = folio_pages
+        empty = np.empty(0, np.int64)
+        if nr_folios == 0:
+            return empty, 0
+        if tagged:
+            segments = [r.data for r in self.regions]
+            resource = RESOURCE_TAG_STORAGE
+        else:
+            segments = self._pool_segments(pool)
+            resource = RESOURCE_MEMORY
+        got: list[IndexArray] = []
+        nr_got = 0
+        reserved = 0
+        skip = empty
+        for _ in range(RESERVE_TRIES if tagged else 1):
+            starts: list[IndexArray] = []
+            need = nr_folios - nr_got
+            for seg in segments:
+                if need <= 0:
+                    break
+                take = self._free_folios(seg, need, fp, skip)
+                starts.append(take)
+                need -= take.size
+            if need > 0:
+                break
+            first = np.concatenate(starts)
+            cand = (first[:, None] + np.arange(fp)).ravel()
+            if not tagged:
+                self._claim(cand, USE_DATA, owner, gfn_offs[nr_got * fp : nr_got * fp + cand.size])
+                got.append(cand)
+                nr_got = nr_folios
+                break
+            pending = self._claim(cand, USE_TAGGED, owner, None)
+            bad = np.zeros(cand.size, dtype=bool)
+            for reg, blocks in pending:
+                ok = self._reserve_blocks(reg, blocks)
+                reserved += int(ok.sum())
+                failed = blocks[~ok]
+                if failed.size:
+                    in_reg = (cand >= reg.data.start) & (cand < reg.data.end)
+                    bad |= in_reg & np.isin(reg.block_of_data(cand), failed)
+            bad_folio = bad.reshape(-1, fp).any(axis=1)
+            if bad_folio.any():
+                drop = (first[bad_folio][:, None] + np.arange(fp)).ravel()
+                self.owner[drop] = NO_OWNER
+                self._set_flags(drop, TG_FREE)
+                skip = np.union1d(skip, first[bad_folio])
+            good = (first[~bad_folio][:, None] + np.arange(fp)).ravel()
+            got.append(good)
+            nr_got += int((~bad_folio).sum())
+            if nr_got == nr_folios:
+                break
+        pages = np.concatenate(got) if got else empty
+        if nr_got < nr_folios:
+            self.free(pages)
+            raise ResourceExhaustedError(
+                resource,
+                f"no {nr_folios} free aligned folio(s) of {fp} pages",
+                nr_folios=nr_folios,
+                folio_pages=fp,
+            )
+        return pages, reserved
+
     # ----------------------------------------------------------------- tagged allocation
 
     def alloc_tagged(self, n: int, owner: int, gfn_offs: IndexArray) -> tuple[IndexArray, int, int]:

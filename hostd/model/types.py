@@ -44,6 +44,33 @@ class TagPolicy(enum.Enum):
     ON_TAG_ACCESS = "ON_TAG_ACCESS"
 
 
+# Transparent huge pages are PMD-sized (QEMU backs guest RAM with them by default; its
+# virtio-mem default block size is the THP size for that reason).
+THP_BYTES = {4 * KiB: 2 * MiB, 16 * KiB: 32 * MiB, 64 * KiB: 512 * MiB}
+# Gigantic hugetlbfs pages of arm64: PUD on 4K, contiguous PMDs on 16K and 64K
+# (arch/arm64/mm/hugetlbpage.c).
+HUGETLB_BYTES = {4 * KiB: GiB, 16 * KiB: GiB, 64 * KiB: 16 * GiB}
+
+
+class BackingKind(enum.Enum):
+    """What backs a VM's RAM on the host."""
+
+    SMALL = "SMALL"  # host pages
+    THP = "THP"  # transparent huge pages: a huge fault falls back to small pages
+    HUGETLB = "HUGETLB"  # hugetlbfs: no fallback, a fault without a free huge page fails
+
+
+def backing_kind(page_size_bytes: int, backing_page_size_bytes: int) -> BackingKind | None:
+    """The kind of backing a size names on a host with ``page_size_bytes`` pages (None: none)."""
+    if backing_page_size_bytes in (0, page_size_bytes):
+        return BackingKind.SMALL
+    if backing_page_size_bytes == THP_BYTES.get(page_size_bytes):
+        return BackingKind.THP
+    if backing_page_size_bytes == HUGETLB_BYTES.get(page_size_bytes):
+        return BackingKind.HUGETLB
+    return None
+
+
 class Access(enum.Enum):
     """Kind of guest access behind a stage-2 fault."""
 
@@ -134,6 +161,10 @@ class VmConfig:
     # A passthrough (VFIO) device long-term-pins all guest memory: it is backed when it appears,
     # never placed in lent tag storage, never migrated, and cannot be discarded.
     pinned: bool = False
+    # Size of the host pages backing guest RAM: 0 or the host page size (small pages), the PMD
+    # size for transparent huge pages (2 MiB / 32 MiB / 512 MiB on 4K / 16K / 64K hosts), or a
+    # gigantic hugetlbfs size (1 GiB / 1 GiB / 16 GiB). See ``backing_kind``.
+    backing_page_size_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,6 +241,9 @@ class VmStatus:
     pinned: bool = False
     # Guest memory the VMM discarded so far (free page reporting, balloon).
     discarded_bytes: int = 0
+    backing_page_size_bytes: int = 0
+    # Guest memory backed by whole huge folios right now.
+    huge_page_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -350,6 +384,7 @@ class HostCounters:
     cache_maintenance_bytes: dict[str, int] = field(default_factory=dict)  # kind
     tags_copied_bytes: dict[str, int] = field(default_factory=dict)  # direction
     discarded_bytes: dict[str, int] = field(default_factory=dict)  # "tagged" / "untagged"
+    huge_folios: dict[str, int] = field(default_factory=dict)  # "mapped" / "fallback" (THP)
     fault_seconds: dict[str, LatencyHistogram] = field(
         default_factory=lambda: {a.value: LatencyHistogram() for a in Access}
     )

@@ -202,7 +202,7 @@ class Region(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_base: _Optional[int] = ..., memory_size: _Optional[int] = ..., tag_base: _Optional[int] = ..., tag_size: _Optional[int] = ..., block_size: _Optional[int] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., data_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., tag_storage_bytes: _Optional[int] = ..., tag_reserved_bytes: _Optional[int] = ..., tag_lent_bytes: _Optional[int] = ..., tag_blocks_total: _Optional[int] = ..., tag_blocks_reserved: _Optional[int] = ..., tag_blocks_min_needed: _Optional[int] = ..., tagged_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateVmRequest(_message.Message):
-    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "pinned", "request_id")
+    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "pinned", "backing_page_size", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     MTE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TAG_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class CreateVmRequest(_message.Message):
     DIMM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    BACKING_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     mte_enabled: bool
@@ -218,8 +219,9 @@ class CreateVmRequest(_message.Message):
     dimm_slots: int
     max_memory_bytes: int
     pinned: bool
+    backing_page_size: int
     request_id: str
-    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., backing_page_size: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetVmRequest(_message.Message):
     __slots__ = ("vm_id",)
@@ -252,7 +254,7 @@ class DestroyVmResponse(_message.Message):
     def __init__(self, vm: _Optional[_Union[Vm, _Mapping]] = ...) -> None: ...
 
 class Vm(_message.Message):
-    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "mapped_bytes", "tagged_bytes", "regions", "pinned", "discarded_bytes", "vm_token")
+    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "mapped_bytes", "tagged_bytes", "regions", "pinned", "discarded_bytes", "backing_page_size", "huge_page_bytes", "vm_token")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     MTE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TAG_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +266,8 @@ class Vm(_message.Message):
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKING_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HUGE_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     VM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     mte_enabled: bool
@@ -276,8 +280,10 @@ class Vm(_message.Message):
     regions: _containers.RepeatedCompositeFieldContainer[MemoryDevice]
     pinned: bool
     discarded_bytes: int
+    backing_page_size: int
+    huge_page_bytes: int
     vm_token: str
-    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryDevice, _Mapping]]] = ..., pinned: _Optional[bool] = ..., discarded_bytes: _Optional[int] = ..., vm_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryDevice, _Mapping]]] = ..., pinned: _Optional[bool] = ..., discarded_bytes: _Optional[int] = ..., backing_page_size: _Optional[int] = ..., huge_page_bytes: _Optional[int] = ..., vm_token: _Optional[str] = ...) -> None: ...
 
 class MemoryDevice(_message.Message):
     __slots__ = ("device_id", "kind", "gpa", "size", "plugged_size", "mapped_bytes", "tagged_bytes", "dimm", "virtio_mem")
