@@ -1,4 +1,4 @@
-"""Evacuation (DOMAIN.md §3, §6): lent tag storage is taken back when an MTE VM needs its
+"""Evacuation (docs/domain.md, "Reservation" and "Migration"): lent tag storage is taken back when an MTE VM needs its
 blocks; the non-MTE guest page moves and its stage-2 mapping follows. When the data has nowhere
 to go the reservation fails, other pages are used or the call is refused with nothing half-done.
 

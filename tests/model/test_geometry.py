@@ -1,4 +1,4 @@
-"""Tag geometry (DOMAIN.md §2): which tag block describes a data page, how many blocks a
+"""Tag geometry (docs/domain.md, "Geometry"): which tag block describes a data page, how many blocks a
 reservation takes, and the cache maintenance it costs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Host topology: parsing, validation (DOMAIN.md §2), ``load_topology`` and ``default_topology``."""
+"""Host topology: parsing, validation (docs/domain.md, "Geometry"), ``load_topology`` and ``default_topology``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""virtio-mem (DOMAIN.md §5): every answer of the device, in QEMU's order, plus the usable
+"""virtio-mem (docs/domain.md, "Memory hotplug"): every answer of the device, in QEMU's order, plus the usable
 region, discarding on unplug and device removal."""
 
 from __future__ import annotations
