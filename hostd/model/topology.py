@@ -1,4 +1,5 @@
-"""Host topology: page size, tag regions and untaggable ranges, validated as docs/domain.md ("Geometry") says.
+"""Host topology: page size, tag regions and untaggable ranges, validated as docs/domain.md
+("Geometry") says.
 
 A topology is read from TOML::
 
@@ -95,7 +96,8 @@ class TagRegionConfig:
     block_size_bytes: int
 
     def block_pages(self, page_size_bytes: int) -> int:
-        """Pages per tag block: ``lcm(PAGE_SIZE, block_size) / PAGE_SIZE`` (docs/domain.md, "Geometry")."""
+        """Pages per tag block: ``lcm(PAGE_SIZE, block_size) / PAGE_SIZE`` (docs/domain.md,
+        "Geometry")."""
         return math.lcm(page_size_bytes, self.block_size_bytes) // page_size_bytes
 
 

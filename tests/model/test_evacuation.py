@@ -1,6 +1,7 @@
-"""Evacuation (docs/domain.md, "Reservation" and "Migration"): lent tag storage is taken back when an MTE VM needs its
-blocks; the non-MTE guest page moves and its stage-2 mapping follows. When the data has nowhere
-to go the reservation fails, other pages are used or the call is refused with nothing half-done.
+"""Evacuation (docs/domain.md, "Reservation" and "Migration"): lent tag storage is taken back
+when an MTE VM needs its blocks; the non-MTE guest page moves and its stage-2 mapping follows.
+When the data has nowhere to go the reservation fails, other pages are used or the call is
+refused with nothing half-done.
 
 Every scenario runs on the small host (16 MiB untaggable, 64 MiB taggable, 512 tag pages,
 blocks of 2 tag pages describing 64 data pages) laid out page by page with DIMMs of a non-MTE

@@ -1,5 +1,5 @@
-"""Tag geometry (docs/domain.md, "Geometry"): which tag block describes a data page, how many blocks a
-reservation takes, and the cache maintenance it costs."""
+"""Tag geometry (docs/domain.md, "Geometry"): which tag block describes a data page, how many
+blocks a reservation takes, and the cache maintenance it costs."""
 
 from __future__ import annotations
 

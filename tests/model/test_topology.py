@@ -1,4 +1,5 @@
-"""Host topology: parsing, validation (docs/domain.md, "Geometry"), ``load_topology`` and ``default_topology``."""
+"""Host topology: parsing, validation (docs/domain.md, "Geometry"), ``load_topology`` and
+``default_topology``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""virtio-mem (docs/domain.md, "Memory hotplug"): every answer of the device, in QEMU's order, plus the usable
-region, discarding on unplug and device removal."""
+"""virtio-mem (docs/domain.md, "Memory hotplug"): every answer of the device, in QEMU's order,
+plus the usable region, discarding on unplug and device removal."""
 
 from __future__ import annotations
 
