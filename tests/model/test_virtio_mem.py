@@ -507,3 +507,18 @@ def test_requests_are_counted_by_type_and_response(host: Host, requested: str) -
         ("UNPLUG", "ACK"): 1,
         ("UNPLUG_ALL", "ACK"): 1,
     } == host.counters.virtio_mem_requests
+
+
+def test_eager_is_preallocation_for_every_device_of_the_guest(small_host: Host) -> None:
+    """EAGER is QEMU's prealloc=on for an MTE guest: its virtio-mem devices preallocate even
+    without the device property, so a resize the host could not back tagged is refused up
+    front, and a PLUG backs (and tags) its blocks before the ACK."""
+    small_host.create_vm(mte_config("eager", TagPolicy.EAGER, boot_memory_bytes=4096))
+    small_host.add_virtio_mem("eager", VMEM, VirtioMemConfig(128 * MiB, VMEM_BLOCK))
+    with pytest.raises(ResourceExhaustedError):
+        small_host.resize_virtio_mem("eager", VMEM, 128 * MiB)
+    small_host.resize_virtio_mem("eager", VMEM, 2 * VMEM_BLOCK)
+    answer = small_host.virtio_mem_request("eager", VMEM, PLUG, block(0), 2)
+    assert ACK == answer.response
+    assert 2 * VMEM_BLOCK == device(small_host, "eager").tagged_bytes
+    assert_sound(small_host)

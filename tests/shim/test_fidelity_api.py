@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import HostdProcess
 from tests.shim.conftest import CliRun
-from vmm_shim import FailedPrecondition, HostClient, VmHandle
+from vmm_shim import FailedPrecondition, HostClient, ResourceExhausted, VmHandle
 from vmm_shim.units import GiB, MiB
 
 pytestmark = pytest.mark.integration
@@ -127,3 +127,21 @@ def test_cli_discard_prints_what_was_given_back(cli: Callable[..., CliRun]) -> N
     assert 0 != bad.code
     assert "gpa" in bad.err
     assert 0 == cli("vm", "destroy", "cli-giver").code
+
+
+def test_resize_of_a_prealloc_device_beyond_the_host_is_resource_exhausted(
+    small: HostClient,
+) -> None:
+    """The QEMU bridge's admission check: ResizeVirtioMem on a prealloc device that the host
+    could not back is RESOURCE_EXHAUSTED with an ErrorInfo naming the device, and changes
+    nothing; a size it can back is accepted."""
+    vm = mte_vm(small, "admit")
+    vm.add_virtio_mem("pre", region_size=512 * MiB, block_size=BLOCK, prealloc=True)
+    with pytest.raises(ResourceExhausted) as caught:
+        vm.resize_virtio_mem("pre", 256 * MiB)  # a 256 MiB host has 128 MiB of taggable RAM
+    assert "TAGGABLE_MEMORY_EXHAUSTED" == caught.value.reason
+    assert "pre" == caught.value.metadata["device_id"]
+    assert 0 == vm.device("pre").requested_size
+    assert 32 * MiB == vm.resize_virtio_mem("pre", 32 * MiB).requested_size
+    assert [] == small.check_invariants()
+    vm.destroy()
