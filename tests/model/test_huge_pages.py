@@ -164,3 +164,19 @@ def test_on_tag_access_thp_data_fault_maps_an_untagged_folio(small_host: Host) -
     host.guest_fault("ota", BOOT_RAM_GPA, PAGE, Access.TAG)
     assert (THP, THP) == (host.get_vm("ota").tagged_bytes, host.get_vm("ota").huge_page_bytes)
     assert_sound(host)
+
+
+def test_restore_keeps_huge_folios_pinned_vms_and_discarded_bytes(host: Host) -> None:
+    """save_state / restore keep which folios are huge, the pinned flag and what was given
+    back, and the restored host is sound."""
+    host.create_vm(mte_config("thp", backing_page_size_bytes=THP))
+    host.create_vm(VmConfig("pin", False, boot_memory_bytes=16 * MiB, pinned=True))
+    host.guest_fault("thp", BOOT_RAM_GPA, 8 * MiB, Access.WRITE)
+    host.discard_guest_memory("thp", BOOT_RAM_GPA, PAGE)
+    restored = Host.restore(host.save_state())
+    assert host.list_vms() == restored.list_vms()
+    assert (6 * MiB, PAGE) == (
+        restored.get_vm("thp").huge_page_bytes,
+        restored.get_vm("thp").discarded_bytes,
+    )
+    assert_sound(restored)
