@@ -261,8 +261,11 @@ def check_owner_pools(host: Host) -> list[str]:
         if pool != host._untagged_pool(vm.config):
             out.append(f"VM {vm.vm_id}: allocator pool {pool} does not match its config")
             continue
-        owned = np.flatnonzero(mem.owner == vm.slot)
-        kinds = mem.flags[owned] >> 2
+        if pool not in (POOL_NOT_CMA, POOL_MTE_CAPABLE):
+            continue
+        # The VM's pages are its mapped pages (check() compares them with the owners).
+        s2 = vm.stage2[vm.stage2 != 0].astype(np.int64) - 1
+        kinds = mem.flags[s2[s2 < mem.nr_pages]] >> 2
         if pool == POOL_NOT_CMA and (kinds == KIND_TAG_STORAGE).any():
             out.append(f"VM {vm.vm_id}: pages in tag storage against its pool")
         if pool == POOL_MTE_CAPABLE and (kinds == KIND_UNTAGGABLE).any():

@@ -236,3 +236,21 @@ def test_on_tag_access_data_lives_on_untaggable_memory_until_tags_are_touched(
     assert [TG_TAGGED] == flags_of(host, "ota", BOOT_RAM_GPA, 1).tolist()
     assert {"tag_access": 1} == host.counters.page_migrations
     assert_sound(host)
+
+
+def test_new_invariants_catch_a_broken_state(host: Host) -> None:
+    """The checks added for pinned VMs, allocator pools and huge folios are not vacuous: each
+    reports a state that breaks it."""
+    host.create_vm(VmConfig("pin", False, boot_memory_bytes=4 * MiB, pinned=True))
+    host.create_vm(mte_config("thp", backing_page_size_bytes=2 * MiB))
+    host.guest_fault("thp", BOOT_RAM_GPA, PAGE, Access.WRITE)
+    assert_sound(host)
+    pin, thp = host.vms["pin"], host.vms["thp"]
+    thp.huge[1] = True  # a folio that is not mapped
+    assert any("huge folios not mapped whole" in v for v in host.check_invariants())
+    thp.huge[1] = False
+    host.mem.owner_pool[pin.slot] = 0
+    assert any("allocator pool" in v for v in host.check_invariants())
+    host.mem.owner_pool[pin.slot] = 3
+    host.mem.pinned_owner[pin.slot] = False
+    assert any("not marked pinned" in v for v in host.check_invariants())
