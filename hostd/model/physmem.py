@@ -547,7 +547,12 @@ class PhysicalMemory:
     # ----------------------------------------------------------------- huge folios
 
     def _free_folios(
-        self, seg: Segment, nr: int, folio_pages: int, skip: IndexArray | None
+        self,
+        seg: Segment,
+        nr: int,
+        folio_pages: int,
+        skip: IndexArray | None,
+        keep: Callable[[IndexArray], npt.NDArray[np.bool_]] | None = None,
     ) -> IndexArray:
         """First indices of up to ``nr`` wholly free folios of ``seg``: ``folio_pages``
         physically contiguous pages aligned to ``folio_pages`` in pfn space, scanned from the
@@ -569,12 +574,29 @@ class PhysicalMemory:
             starts = np.flatnonzero(free).astype(np.int64) * fp + pos
             if skip is not None and skip.size and starts.size:
                 starts = starts[~np.isin(starts, skip)]
+            if keep is not None and starts.size:
+                starts = starts[keep(starts)]
             take = starts[: nr - got]
             found.append(take)
             got += take.size
             pos += k * fp
             window *= 2
         return np.concatenate(found) if found else np.empty(0, np.int64)
+
+    def _unlent_folio_test(
+        self, seg: Segment, folio_pages: int
+    ) -> Callable[[IndexArray], npt.NDArray[np.bool_]]:
+        """A filter of folio starts (in taggable segment ``seg``) whose tag blocks hold no lent
+        data."""
+        reg = self.regions[seg.region]
+        nb = max(folio_pages // reg.span_pages, 1)
+
+        def unlent(starts: IndexArray) -> npt.NDArray[np.bool_]:
+            first = (starts - reg.data.start) // reg.span_pages
+            blocks = first[:, None] + np.arange(nb)
+            return ~(reg.lent[np.minimum(blocks, reg.nr_blocks - 1)] > 0).any(axis=1)
+
+        return unlent
 
     def alloc_folios(
         self,
@@ -613,12 +635,20 @@ class PhysicalMemory:
         for _ in range(RESERVE_TRIES if tagged else 1):
             starts: list[IndexArray] = []
             need = nr_folios - nr_got
-            for seg in segments:
-                if need <= 0:
-                    break
-                take = self._free_folios(seg, need, fp, skip)
-                starts.append(take)
-                need -= take.size
+            passes: list[bool] = [False]
+            if tagged and self.placement is Placement.TAG_BLOCK_AWARE:
+                # Folios whose tag blocks hold no lent data first: reserving them needs no
+                # evacuation (the fast path); the others only when those run out.
+                passes = [True, False]
+            for unlent_only in passes:
+                for seg in segments:
+                    if need <= 0:
+                        break
+                    keep = self._unlent_folio_test(seg, fp) if unlent_only else None
+                    taken = np.concatenate([skip, *starts]) if starts else skip
+                    take = self._free_folios(seg, need, fp, taken, keep)
+                    starts.append(take)
+                    need -= take.size
             if need > 0:
                 break
             first = np.concatenate(starts)

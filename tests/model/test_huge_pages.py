@@ -4,6 +4,8 @@ folio is physically contiguous and aligned, so its tag storage is a contiguous r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from hostd.model import (
     Host,
     InvalidArgumentError,
     MiB,
+    Placement,
     ResourceExhaustedError,
     TagPolicy,
     VirtioMemConfig,
@@ -180,3 +183,23 @@ def test_restore_keeps_huge_folios_pinned_vms_and_discarded_bytes(host: Host) ->
         restored.get_vm("thp").discarded_bytes,
     )
     assert_sound(restored)
+
+
+@pytest.mark.parametrize(
+    ("placement", "evacuated"), [("TAG_BLOCK_AWARE", {}), ("NAIVE", {"tag0": 2})]
+)
+def test_tag_block_aware_placement_takes_folios_whose_blocks_are_not_lent(
+    make_host: Callable[..., Host], placement: str, evacuated: dict[str, int]
+) -> None:
+    """A tagged huge folio reserves all of its tag blocks; tag-block-aware placement prefers a
+    folio whose blocks hold no lent data (the series' fast path, no migration), where first fit
+    takes the first folio and evacuates the lent pages in its blocks."""
+    host = make_host(Placement[placement])
+    fill(host, "plain", SMALL_UNTAGGED_PAGES + SMALL_DATA_PAGES)
+    host.create_vm(VmConfig("lend", False, boot_memory_bytes=MiB))
+    host.guest_fault("lend", BOOT_RAM_GPA, 2 * PAGE, Access.WRITE)  # lent: block 0's tag pages
+    host.destroy_vm("plain")
+    host.create_vm(mte_config("thp", boot_memory_bytes=8 * MiB, backing_page_size_bytes=THP))
+    assert THP_PAGES == host.guest_fault("thp", BOOT_RAM_GPA, PAGE, Access.WRITE).newly_mapped_pages
+    assert evacuated == host.counters.evacuated_pages
+    assert_sound(host)
