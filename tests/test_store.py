@@ -512,7 +512,7 @@ def test_other_topology_refuses_start_naming_the_difference(state_dir: Path) -> 
     """The saved host configuration must match the requested one, field by field."""
     Store.open(state_dir, TOPOLOGY).close()
     with pytest.raises(StateError, match=r"another host configuration \(topology\.page_size"):
-        Store.open(state_dir, default_topology(1 * GiB, 16 * 1024))
+        Store.open(state_dir, default_topology(4 * GiB, 16 * 1024))
 
 
 def test_other_placement_refuses_start(state_dir: Path) -> None:

@@ -258,6 +258,12 @@ def _vm_text(vm: VmInfo) -> str:
         f"{vm.dimm_slots} DIMM slot(s), mapped {format_size(vm.mapped_bytes)}, "
         f"tagged {format_size(vm.tagged_bytes)}"
     )
+    if vm.huge_page_bytes:
+        head += f", {format_size(vm.huge_page_bytes)} in huge pages"
+    if vm.pinned:
+        head += ", pinned"
+    if vm.discarded_bytes:
+        head += f", discarded {format_size(vm.discarded_bytes)} so far"
     return head + "\n" + _devices_text(vm.regions)
 
 
@@ -295,6 +301,8 @@ def _vm_create(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
         boot_memory_bytes=args.memory,
         dimm_slots=args.dimm_slots,
         max_memory_bytes=args.max_memory,
+        pinned=args.pinned,
+        backing_page_size=args.backing_page_size,
     )
     info = vm.info()
     if not vm.vm_token:
@@ -371,6 +379,16 @@ def _tags_read(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
     return result, "\n".join(lines)
 
 
+def _discard(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
+    result = host.vm(args.vm_id).discard(args.gpa, args.length)
+    text = (
+        f"discarded {format_size(result.discarded_bytes)} "
+        f"({format_size(result.tagged_bytes)} tagged), "
+        f"released {result.tag_blocks_released} tag block(s)"
+    )
+    return result, text
+
+
 def _dimm_add(args: argparse.Namespace, host: HostClient) -> tuple[Any, str]:
     device = host.vm(args.vm_id).add_dimm(args.device_id, args.size)
     return device, _devices_text([device])
@@ -388,6 +406,7 @@ def _virtio_mem_add(args: argparse.Namespace, host: HostClient) -> tuple[Any, st
         region_size=args.region_size,
         block_size=args.block_size,
         requested_size=args.requested_size,
+        prealloc=args.prealloc,
     )
     return device, _devices_text([device])
 
@@ -585,6 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--max-memory", type=_size, default=0, help="boot RAM + device memory, e.g. 8GiB"
     )
+    create.add_argument(
+        "--pinned", action="store_true", help="memory pinned by a passthrough (VFIO) device"
+    )
+    create.add_argument(
+        "--backing-page-size",
+        type=_size,
+        default=0,
+        help="host page backing guest RAM: 2MiB THP, 1GiB hugetlb (4K hosts); default small",
+    )
     _add(vm, "list", _vm_list, "list VMs", json_flag)
     for name, handler, help_text in (
         ("show", _vm_show, "show a VM and its memory devices"),
@@ -599,6 +627,17 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument(
         "--access", choices=[a.lower() for a in ACCESSES], default="write", help="(write)"
     )
+
+    discard = _add(
+        commands,
+        "discard",
+        _discard,
+        "discard guest memory the guest gave back (free page reporting, balloon)",
+        json_flag,
+    )
+    discard.add_argument("vm_id", metavar="ID")
+    discard.add_argument("gpa", metavar="GPA", type=_address)
+    discard.add_argument("length", metavar="LENGTH", type=_size)
 
     tags = commands.add_parser("tags", help="write or read guest tags").add_subparsers(
         dest="tags_command", metavar="ACTION", required=True
@@ -636,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--region-size", type=_size, required=True)
     add.add_argument("--block-size", type=_size, required=True)
     add.add_argument("--requested-size", type=_size, default=0)
+    add.add_argument(
+        "--prealloc", action="store_true", help="back blocks on PLUG, BUSY if the host cannot"
+    )
     resize = _add(vmem, "resize", _virtio_mem_resize, "set requested_size", json_flag)
     resize.add_argument("vm_id", metavar="ID")
     resize.add_argument("device_id", metavar="DEV")

@@ -444,6 +444,16 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscardOutcome:
+    """What discarding a guest range gave back (bytes that were backed, of which tagged, and
+    tag blocks released with their last tagged page)."""
+
+    discarded_bytes: int
+    tagged_bytes: int
+    tag_blocks_released: int
+
+
+@dataclass(frozen=True, slots=True)
 class VmInfo:
     """A VM: boot RAM first in ``regions``, then memory devices in address order.
 
@@ -459,6 +469,10 @@ class VmInfo:
     mapped_bytes: int
     tagged_bytes: int
     regions: list[DeviceInfo]
+    pinned: bool = False
+    discarded_bytes: int = 0
+    backing_page_size: int = 0
+    huge_page_bytes: int = 0
 
     def device(self, device_id: str) -> DeviceInfo:
         """The region named ``device_id``; KeyError if the VM has none."""
@@ -624,6 +638,10 @@ def _vm_info(v: pb.Vm) -> VmInfo:
         mapped_bytes=v.mapped_bytes,
         tagged_bytes=v.tagged_bytes,
         regions=[_device_info(d) for d in v.regions],
+        pinned=v.pinned,
+        discarded_bytes=v.discarded_bytes,
+        backing_page_size=v.backing_page_size,
+        huge_page_bytes=v.huge_page_bytes,
     )
 
 
@@ -802,10 +820,14 @@ class HostClient(MigrationCalls):
         boot_memory_bytes: int,
         dimm_slots: int = 0,
         max_memory_bytes: int = 0,
+        pinned: bool = False,
+        backing_page_size: int = 0,
         request_id: str | None = None,
     ) -> VmHandle:
         """Create a VM (boot RAM at :data:`BOOT_RAM_GPA`). ``tag_policy`` is one of
-        :data:`TAG_POLICIES`; None sends UNSPECIFIED (accepted only without MTE).
+        :data:`TAG_POLICIES`; None sends UNSPECIFIED (accepted only without MTE). ``pinned``:
+        a passthrough device pins all guest memory (backed at once, never in tag storage).
+        ``backing_page_size``: 0 (host pages), the THP size or the hugetlb size.
 
         The handle keeps the VM's token (``vm.vm_token``, empty if hostd issued none) and uses
         it for the VM's calls: save it if another process is to drive this VM."""
@@ -822,6 +844,8 @@ class HostClient(MigrationCalls):
             boot_memory_bytes=boot_memory_bytes,
             dimm_slots=dimm_slots,
             max_memory_bytes=max_memory_bytes,
+            pinned=pinned,
+            backing_page_size=backing_page_size,
         )
         answer = self._unary("CreateVm", request)
         return VmHandle(self, vm_id, token=answer.vm_token or None)
@@ -945,6 +969,15 @@ class VmHandle:
         """Destroy the VM: its memory, tags and reserved tag storage are freed."""
         self._unary("DestroyVm", _mutation(pb.DestroyVmRequest, request_id, vm_id=self.vm_id))
 
+    def discard(self, gpa: int, length: int, *, request_id: str | None = None) -> DiscardOutcome:
+        """Discard ``[gpa, gpa+length)``, memory the guest gave back (free page reporting,
+        balloon inflation): its pages, tags and emptied tag blocks are freed."""
+        request = _mutation(
+            pb.DiscardGuestMemoryRequest, request_id, vm_id=self.vm_id, gpa=gpa, length=length
+        )
+        r = self._unary("DiscardGuestMemory", request)
+        return DiscardOutcome(r.discarded_bytes, r.tagged_bytes, r.tag_blocks_released)
+
     def _fault_request(
         self, gpa: int, length: int, access: str, request_id: str | None = None
     ) -> pb.GuestFaultRequest:
@@ -1059,14 +1092,17 @@ class VmHandle:
         region_size: int,
         block_size: int,
         requested_size: int = 0,
+        prealloc: bool = False,
         request_id: str | None = None,
     ) -> DeviceInfo:
-        """Hot-add a virtio-mem device; nothing is plugged until the guest asks."""
+        """Hot-add a virtio-mem device; nothing is plugged until the guest asks. With
+        ``prealloc`` (QEMU's device property) a PLUG backs its blocks before it is ACKed."""
         config = _message(
             pb.VirtioMemConfig,
             region_size=region_size,
             block_size=block_size,
             requested_size=requested_size,
+            prealloc=prealloc,
         )
         return self._add_device(device_id, request_id, virtio_mem=config)
 
@@ -1164,12 +1200,15 @@ class VmHandle:
     ) -> DriveResult:
         """Plug or unplug blocks until ``plugged_size == requested_size``, as Linux's virtio-mem
         driver does: PLUG the lowest unplugged blocks of the usable region, UNPLUG the highest
-        plugged ones, up to :data:`DRIVE_BATCH_BLOCKS` contiguous blocks a request. Stops at the
-        first answer that is not ACK (NACK, BUSY: the guest would retry later) or after
-        ``max_requests`` PLUG/UNPLUG requests. Raises FailedPrecondition (``NOT_VIRTIO_MEM``)
-        for another kind of device. Only requests valid for the state it read are sent; the
-        state comes from the device (STATE requests), so another actor changing it meanwhile
-        can still make a request fail."""
+        plugged ones, up to :data:`DRIVE_BATCH_BLOCKS` contiguous blocks a request. A NACK means
+        "the config changed" (only a PLUG beyond requested_size is NACKed): like Linux, the
+        loop re-reads the config at once and goes on toward the new requested_size, stopping if
+        it did not change. BUSY (the host could not back the blocks now) stops the loop: Linux
+        retries it later on a backoff timer, so the caller should call again later. It also
+        stops at ERROR or after ``max_requests`` PLUG/UNPLUG requests. Raises
+        FailedPrecondition (``NOT_VIRTIO_MEM``) for another kind of device. Only requests valid
+        for the state it read are sent; the state comes from the device (STATE requests), so
+        another actor changing it meanwhile can still make a request fail."""
         dev = self.device(device_id)
         if dev.kind != "VIRTIO_MEM":
             # The refusal the daemon gives every virtio-mem call on such a device.
@@ -1207,6 +1246,13 @@ class VmHandle:
             response = self._virtio_mem_request(device_id, kind, addr, count)[0]
             requests += 1
             counts[response] = counts.get(response, 0) + 1
+            if response == "NACK":
+                # virtio_mem_send_plug_request(): NACK -> the config changed; re-read it now.
+                dev = self.device(device_id)
+                if dev.requested_size // dev.block_size == nb_requested:
+                    break
+                nb_requested = dev.requested_size // dev.block_size
+                continue
             if response != "ACK":
                 break
             plugged[first : last + 1] = [plug] * count

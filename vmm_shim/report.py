@@ -28,7 +28,7 @@ from vmm_shim.scenario import (
     shipped_scenarios,
 )
 from vmm_shim.simulate import RunConfig, checks_pass, run_scenario
-from vmm_shim.units import one_line
+from vmm_shim.units import format_size, one_line
 
 __all__ = ["QUICK_SCALE", "add_cli", "report_configs", "run_report", "write_report"]
 
@@ -111,10 +111,10 @@ def _table(results: list[dict[str, Any]]) -> str:
     head = (
         "| scenario | tag storage / policy | placement | RAM given back mean | min "
         "| reserved ÷ min needed | evacuated pages / GiB | failed reservations (blocks) "
-        "| RESOURCE_EXHAUSTED | NACKed plugs | fault p50 µs | fault p99 µs | VMs created / "
-        "destroyed | checks |"
+        "| RESOURCE_EXHAUSTED | NACKed / BUSY plugs | given back by free page reporting "
+        "| huge-page share | fault p50 µs | fault p99 µs | VMs created / destroyed | checks |"
     )
-    rows = [head, "|" + "---|" * 14]
+    rows = [head, "|" + "---|" * 16]
     for r in results:
         s = r["summary"]
         placement = "(n/a)" if r["label"] == "STATIC" else r["config"]["placement"]
@@ -123,7 +123,10 @@ def _table(results: list[dict[str, Any]]) -> str:
             f"| {_pct(s['ram_given_back_mean'])} | {_pct(s['ram_given_back_min'])} "
             f"| {_num(s['reserved_over_min_needed_mean'])} "
             f"| {s['evacuated_pages_per_gib']:.1f} | {s['tag_reserve_failed_blocks']} "
-            f"| {s['resource_exhausted_total']} | {s['virtio_mem_nacks']} "
+            f"| {s['resource_exhausted_total']} "
+            f"| {s['virtio_mem_nacks']} / {s.get('virtio_mem_busy', 0)} "
+            f"| {format_size(s.get('discarded_bytes', 0))} "
+            f"| {_pct(s.get('huge_page_share'))} "
             f"| {_num(s['fault_latency_p50_us'], '.0f')} "
             f"| {_num(s['fault_latency_p99_us'], '.0f')} "
             f"| {s['vms_created']} / {s['vms_destroyed']} "
@@ -149,24 +152,27 @@ def _plots(results: list[dict[str, Any]], out: Path) -> list[str]:
             if r["scenario"] != sc or r["config"]["placement"] != "tag-block-aware":
                 continue
             se, color = r["series"], COLORS[r["label"]]
-            ax.plot(
-                se["step"],
-                [x / mib for x in se["tag_reserved_bytes"]],
-                color=color,
-                label=f"{r['label']} reserved",
-            )
-            if r["label"] != "STATIC":
+            reserved = [x / mib for x in se["tag_reserved_bytes"]]
+            needed = [x / mib for x in se["min_needed_bytes"]]
+            # With a ratio of 1 the "min needed" line would hide exactly under "reserved": say
+            # so in the legend instead of drawing an invisible line.
+            same = r["label"] != "STATIC" and reserved == needed
+            label = f"{r['label']} reserved" + (" (= min needed)" if same else "")
+            ax.plot(se["step"], reserved, color=color, label=label)
+            if r["label"] != "STATIC" and not same:
                 ax.plot(
                     se["step"],
-                    [x / mib for x in se["min_needed_bytes"]],
+                    needed,
                     color=color,
-                    linestyle=":",
+                    linestyle=(0, (2, 2)),
+                    linewidth=1.8,
+                    zorder=3,
                     label=f"{r['label']} min needed",
                 )
-        ax.set_title(f"{sc}: tag storage reserved vs minimum needed (tag-block-aware)")
+        ax.set_title(f"{sc}\ntag storage reserved vs minimum needed (tag-block-aware)", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("MiB")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
         name = f"tag-reserved-{sc}.png"
         fig.tight_layout()
@@ -174,14 +180,27 @@ def _plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         plt.close(fig)
         names.append(name)
 
-    def bars(metric: str, title: str, ylabel: str, name: str, scale: float = 1.0) -> None:
-        runs = [(lab, pl) for lab in LABELS for pl in ("naive", "tag-block-aware")]
+    def bars(
+        metric: str,
+        title: str,
+        ylabel: str,
+        name: str,
+        scale: float = 1.0,
+        *,
+        carve_out: bool = False,
+        static_note: str = "",
+    ) -> None:
+        # The static carve-out gives back nothing and evacuates nothing: a zero-height bar is
+        # invisible, so it is drawn as its own reference (the carve-out line) or named instead.
+        runs = [
+            (lab, pl) for lab in LABELS if lab != "STATIC" for pl in ("naive", "tag-block-aware")
+        ]
         runs = [
             (lab, pl)
             for lab, pl in runs
             if any(r["label"] == lab and r["config"]["placement"] == pl for r in results)
         ]
-        fig, ax = plt.subplots(figsize=(9, 4.5))
+        fig, ax = plt.subplots(figsize=(11, 4.8))
         width = 0.8 / max(len(runs), 1)
         for j, (lab, pl) in enumerate(runs):
             values = []
@@ -200,13 +219,27 @@ def _plots(results: list[dict[str, Any]], out: Path) -> list[str]:
                 color=COLORS[lab],
                 alpha=0.55 if pl == "naive" else 1.0,
                 hatch="//" if pl == "naive" else None,
-                label=lab if lab == "STATIC" else f"{lab} ({pl})",
+                label=f"{lab} ({pl})",
             )
+        if carve_out:
+            for i, sc in enumerate(scenarios):
+                first = next(r for r in results if r["scenario"] == sc)["summary"]
+                level = first["tag_storage_bytes"] / first["host_memory_bytes"] * scale
+                ax.hlines(
+                    level,
+                    i - width / 2,
+                    i + width * (len(runs) - 0.5),
+                    colors="black",
+                    linestyles="--",
+                    label="tag carve-out (all of it; STATIC gives back 0)" if i == 0 else None,
+                )
+        if static_note:
+            ax.plot([], [], " ", label=static_note)
         ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(scenarios))])
         ax.set_xticklabels(scenarios, fontsize=8)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
@@ -219,16 +252,18 @@ def _plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         "% of host RAM",
         "ram-given-back.png",
         100.0,
+        carve_out=True,
     )
     bars(
         "evacuated_pages_per_gib",
         "Pages evacuated from tag storage per GiB of guest memory mapped",
         "pages / GiB",
         "evacuations.png",
+        static_note="STATIC: 0 (never lends tag storage)",
     )
 
     # 4. Fault latency percentiles (tag-block-aware placement; static for reference).
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     labels = [lab for lab in LABELS if any(r["label"] == lab for r in results)]
     width = 0.8 / max(len(labels), 1)
     for j, lab in enumerate(labels):
@@ -251,8 +286,8 @@ def _plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set_xticklabels(scenarios, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("µs (client side, log scale)")
-    ax.set_title("Fault latency p50 / p99 (tag-block-aware placement)")
-    ax.legend(fontsize=7)
+    ax.set_title("Fault latency p50 / p99 (tag-block-aware placement)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "fault-latency.png", dpi=100)
@@ -278,6 +313,13 @@ def _findings(results: list[dict[str, Any]]) -> list[str]:
         }
         fails = sum(r["summary"]["resource_exhausted_total"] for r in runs)
         nacks = {r["label"]: r["summary"]["virtio_mem_nacks"] for r in runs}
+        busy = {r["label"]: r["summary"].get("virtio_mem_busy", 0) for r in runs}
+        given = {
+            r["label"]: r["summary"].get("discarded_bytes", 0)
+            for r in runs
+            if r["config"]["placement"] == "tag-block-aware"
+        }
+        huge = [r["summary"].get("huge_page_share", 0.0) for r in runs]
         lines.append(
             f"- **{sc}**: of the {100 * storage:.2f}% carved out for tags, dynamic reuse gives "
             f"back {_pct(worst['summary']['ram_given_back_mean'])} "
@@ -292,7 +334,19 @@ def _findings(results: list[dict[str, Any]]) -> list[str]:
                 if any(nacks.values())
                 else ""
             )
-            + "."
+            + (
+                "; BUSY plugs (preallocation failed): "
+                + ", ".join(f"{k} {v}" for k, v in busy.items() if v)
+                if any(busy.values())
+                else ""
+            )
+            + (
+                "; free page reporting gave back (tag-block-aware) "
+                + ", ".join(f"{k} {format_size(v)}" for k, v in given.items())
+                if any(given.values())
+                else ""
+            )
+            + f"; huge-page-backed share of guest memory {_pct(min(huge))} to {_pct(max(huge))}."
         )
     return lines
 
@@ -345,8 +399,14 @@ def write_report(
         "daemon's `evacuation` events on `WatchEvents`, as the counters are not in the API) per",
         "GiB of guest memory mapped over the run. *Failed reservations*: tag blocks whose",
         "reservation failed (`tag_reserve_failed` events; the fault moved and replayed).",
-        "*RESOURCE_EXHAUSTED*: calls refused for lack of memory or tag storage (faults, EAGER",
-        "creates and plugs). *NACKed plugs*: virtio-mem PLUG requests answered NACK. Fault",
+        "*RESOURCE_EXHAUSTED*: calls refused for lack of memory or tag storage (faults, creates",
+        "of EAGER or pinned guests, resizes of preallocating devices). *NACKed / BUSY plugs*:",
+        "virtio-mem PLUG requests answered NACK (only ever beyond requested_size, as QEMU) or",
+        "BUSY (a preallocating device could not back the blocks; the guest retries later).",
+        "*Given back by free page reporting*: guest memory discarded (`DiscardGuestMemory`).",
+        "*Huge-page share*: of the guest memory mapped when VMs were destroyed, the share backed",
+        "by whole huge folios (guests run on THP unless a class says otherwise, as QEMU runs",
+        "them). EAGER is preallocation (QEMU `prealloc=on` for an MTE guest). Fault",
         "latency is client side, over gRPC, on a shared machine: compare policies within a run",
         "set, not with other machines. Static runs once: placement does not change what it",
         "reserves. *Checks*: `CheckInvariants` empty and, after every VM is destroyed, the host",
@@ -384,7 +444,9 @@ def add_cli(subparsers: Any) -> None:
     )
     # argparse treats help as a %-format: the extra % keeps the percent sign a literal.
     p.add_argument(
-        "--quick", action="store_true", help=f"run {QUICK_SCALE:.0%}% of each scenario's steps"
+        "--quick",
+        action="store_true",
+        help=f"run {QUICK_SCALE * 100:.0f}%% of each scenario's steps",
     )
     p.add_argument("--seed", type=int, default=None, help="default: each scenario's seed")
     p.add_argument("--jobs", type=int, default=MAX_JOBS, choices=range(1, MAX_JOBS + 1))

@@ -44,6 +44,19 @@ Schema (unknown keys are refused; defaults in brackets)::
     tag_write_rate = 0.2                # [0.0] probability per step that an MTE VM writes tags
     tag_write_size = "64KiB"            # ["64KiB"] guest bytes whose tags one write sets
                                         #   (copy_tags_to_guest; a multiple of 4 KiB)
+    backing = "thp"                     # ["thp"] host pages backing guest RAM: "thp"
+                                        #   (transparent huge pages, as QEMU runs guests by
+                                        #   default), "small" or "hugetlb" (gigantic pages;
+                                        #   boot_memory must be a multiple of them)
+    pinned_share = 0.0                  # [0.0] probability that a VM has a passthrough (VFIO)
+                                        #   device: all its memory is pinned (backed at boot,
+                                        #   never in tag storage, never discarded); under
+                                        #   ON_TAG_ACCESS such a VM runs ON_FAULT (hostd refuses
+                                        #   pinned ON_TAG_ACCESS guests)
+
+    [vm_class.free_page_reporting]      # optional: the guest gives memory back (free page
+    rate = 0.2                          #   reporting / balloon): probability per step that
+    size = "64MiB"                      #   it returns this much of its boot RAM (discard)
 
     [vm_class.virtio_mem]               # optional: one virtio-mem device per VM
     region_size = "8GiB"
@@ -51,6 +64,7 @@ Schema (unknown keys are refused; defaults in brackets)::
     requested = "0"                     # ["0"] plugged at creation
     resize_rate = 0.05                  # probability per step of a resize (qom-set)
     sizes = ["0", "1GiB", "2GiB"]       # the new requested size is drawn from these
+    prealloc = false                    # [false] QEMU's prealloc: PLUG backs blocks or is BUSY
 
     [vm_class.dimm]                     # optional: DIMM hotplug
     slots = 2
@@ -66,7 +80,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +94,7 @@ __all__ = [
     "Action",
     "ArrivalsConfig",
     "DimmConfig",
+    "FreePageReportingConfig",
     "HostConfig",
     "Plan",
     "Scenario",
@@ -98,6 +113,11 @@ __all__ = [
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 POLICIES = ("ON_FAULT", "EAGER", "ON_TAG_ACCESS")
 PAGE_SIZES = {"4K": 4 * KiB, "16K": 16 * KiB, "64K": 64 * KiB}
+BACKINGS = ("thp", "small", "hugetlb")
+# Backing page sizes by host page size (hostd's backing_page_size): THP is PMD-sized, hugetlb
+# the arm64 gigantic page.
+THP_BYTES = {4 * KiB: 2 * MiB, 16 * KiB: 32 * MiB, 64 * KiB: 512 * MiB}
+HUGETLB_BYTES = {4 * KiB: 1 << 30, 16 * KiB: 1 << 30, 64 * KiB: 16 << 30}
 # Faults and tag writes are whole 64 KiB units so that every page size divides them.
 FAULT_ALIGN_BYTES = 64 * KiB
 TAG_WRITE_ALIGN_BYTES = 4 * KiB
@@ -167,6 +187,13 @@ class VirtioMemClassConfig:
     requested: int
     resize_rate: float
     sizes: tuple[int, ...]
+    prealloc: bool = False
+
+
+@dataclass(frozen=True)
+class FreePageReportingConfig:
+    rate: float
+    size: int
 
 
 @dataclass(frozen=True)
@@ -194,6 +221,9 @@ class VmClass:
     tag_write_size: int
     virtio_mem: VirtioMemClassConfig | None = None
     dimm: DimmConfig | None = None
+    backing: str = "thp"
+    pinned_share: float = 0.0
+    free_page_reporting: FreePageReportingConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -402,8 +432,21 @@ def _virtio_mem(r: _Reader) -> VirtioMemClassConfig:
     for i, s in enumerate(sizes):
         if s > region:
             raise r.error(f"sizes[{i}]", raw[i], "must be <= region_size")
+    prealloc = r.raw("prealloc", False)
+    if not isinstance(prealloc, bool):
+        raise r.error("prealloc", prealloc, "must be true or false")
     r.finish()
-    return VirtioMemClassConfig(region, block, requested, rate, sizes)
+    return VirtioMemClassConfig(region, block, requested, rate, sizes, prealloc)
+
+
+def _free_page_reporting(r: _Reader, page_size: int) -> FreePageReportingConfig:
+    result = FreePageReportingConfig(
+        rate=r.share("rate"), size=r.size("size", align=max(page_size, FAULT_ALIGN_BYTES))
+    )
+    if result.size > MAX_FAULT_BYTES:
+        raise r.error("size", r.table["size"], "must be at most 1 GiB")
+    r.finish()
+    return result
 
 
 def _dimm(r: _Reader, page_size: int) -> DimmConfig:
@@ -456,7 +499,23 @@ def _vm_class(r: _Reader, page_size: int) -> VmClass:
         tag_write_size=tag_write_size,
         virtio_mem=_virtio_mem(r.sub("virtio_mem")) if r.has("virtio_mem") else None,
         dimm=_dimm(r.sub("dimm"), page_size) if r.has("dimm") else None,
+        backing=r.string("backing", "thp"),
+        pinned_share=r.share("pinned_share", 0.0),
+        free_page_reporting=(
+            _free_page_reporting(r.sub("free_page_reporting"), page_size)
+            if r.has("free_page_reporting")
+            else None
+        ),
     )
+    if result.backing not in BACKINGS:
+        raise r.error("backing", result.backing, f"must be one of {', '.join(BACKINGS)}")
+    if result.backing == "hugetlb":
+        huge = HUGETLB_BYTES[page_size]
+        bad = [v for v in result.boot_memory.values if v % huge]
+        if bad or result.boot_memory.dist == "uniform":
+            raise r.error(
+                "boot_memory", r.table["boot_memory"], f"must be fixed multiples of {huge:#x}"
+            )
     if tag_write_size > result.boot_memory.max_bytes:
         raise r.error("tag_write_size", r.table["tag_write_size"], "must fit in boot memory")
     r.finish()
@@ -546,6 +605,8 @@ class VmPlan:
     arrive: int
     depart: int  # step at whose start it is destroyed (> steps: in the drain phase)
     seed: int
+    pinned: bool = False
+    backing: str = "thp"
 
 
 @dataclass(frozen=True)
@@ -557,6 +618,7 @@ class Action:
     - ``tag_write``: one copy_tags_to_guest of ``tag_write_size``
     - ``resize``: set the virtio-mem requested size to ``size`` and drive the device
     - ``dimm_add`` / ``dimm_remove``: hot-add a DIMM / remove the newest
+    - ``discard``: the guest gives ``size`` bytes of boot RAM back (free page reporting)
     - ``destroy``: the end of the VM's life
     """
 
@@ -605,6 +667,8 @@ def make_plan(scenario: Scenario, seed: int, policy: str) -> Plan:
         boot = cls.boot_memory.draw(rng, cls.fault_size)
         life = cls.lifetime.draw(rng)
         vm_seed = int(rng.integers(0, 2**63 - 1))
+        # Drawn only for classes that have pinned VMs, so other scenarios keep their stream.
+        pinned = bool(rng.random() < cls.pinned_share) if cls.pinned_share else False
         if len(live) >= scenario.arrivals.max_vms:
             plan.arrivals_dropped += 1
             return
@@ -620,6 +684,11 @@ def make_plan(scenario: Scenario, seed: int, policy: str) -> Plan:
             depart=step + life,
             seed=vm_seed,
         )
+        if pinned:
+            # hostd refuses a pinned ON_TAG_ACCESS guest: a pinned page cannot move.
+            tag_policy = "ON_FAULT" if vm.policy == "ON_TAG_ACCESS" else vm.policy
+            vm = replace(vm, pinned=True, policy=tag_policy)
+        vm = replace(vm, backing=cls.backing)
         plan.vms[vm.vm_id] = vm
         live[vm.vm_id] = vm
         dimms[vm.vm_id] = 0
@@ -648,6 +717,9 @@ def make_plan(scenario: Scenario, seed: int, policy: str) -> Plan:
             if cls.virtio_mem and rng.random() < cls.virtio_mem.resize_rate:
                 size = cls.virtio_mem.sizes[int(rng.integers(len(cls.virtio_mem.sizes)))]
                 todo.append(Action("resize", vm_id, size=size))
+            fpr = cls.free_page_reporting
+            if fpr and not vm.pinned and rng.random() < fpr.rate:
+                todo.append(Action("discard", vm_id, size=min(fpr.size, vm.boot_memory)))
             if cls.dimm:
                 u = rng.random()
                 if u < cls.dimm.add_rate and dimms[vm_id] < cls.dimm.slots:

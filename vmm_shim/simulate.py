@@ -21,7 +21,12 @@ Summary figures (``RunResult.summary``):
 - ``tag_reserve_failed_blocks``: tag blocks whose reservation failed (``tag_reserve_failed``
   events; the fault was replayed elsewhere), and ``resource_exhausted``: calls refused with
   RESOURCE_EXHAUSTED, by kind (``create``, ``faults``, ``dimm_add`` ...).
-- ``virtio_mem_nacks``: PLUG requests answered NACK while driving virtio-mem devices.
+- ``virtio_mem_nacks``: PLUG requests answered NACK while driving virtio-mem devices (only
+  "beyond requested_size"); ``virtio_mem_busy``: answered BUSY (a preallocating device that
+  could not back the blocks; the guest retries later).
+- ``discarded_bytes``: memory guests gave back through free page reporting (DiscardGuestMemory);
+  ``huge_page_share``: of the guest memory mapped when VMs were destroyed, the share backed by
+  whole huge folios (THP by default).
 - ``fault_latency_p50_us`` / ``_p99_us``: client-side latency of each fault.
 - checks: ``invariant_violations`` (``CheckInvariants`` at the end) and ``host_back_to_start``
   (after every VM is destroyed: the same free, data, tagged, reserved and lent bytes as before
@@ -58,7 +63,9 @@ from vmm_shim.client import (
     VmHandle,
 )
 from vmm_shim.scenario import (
+    HUGETLB_BYTES,
     POLICIES,
+    THP_BYTES,
     Action,
     Plan,
     Scenario,
@@ -372,6 +379,10 @@ class Simulator:
             "dimms_added": 0,
             "dimms_removed": 0,
             "guest_mapped_bytes": 0,
+            "discards": 0,
+            "discarded_bytes": 0,
+            "mapped_at_destroy_bytes": 0,
+            "huge_at_destroy_bytes": 0,
         }
         self.series: dict[str, list[int]] = {
             k: []
@@ -451,9 +462,11 @@ class Simulator:
         cls = self.classes[plan.cls]
         line = (
             f"create {plan.vm_id} mte={int(plan.mte)} policy={plan.policy or '-'} "
-            f"boot={plan.boot_memory:#x}"
+            f"boot={plan.boot_memory:#x} backing={plan.backing} pinned={int(plan.pinned)}"
         )
         slots = cls.dimm.slots if cls.dimm else 0
+        backing = {"small": 0, "thp": THP_BYTES, "hugetlb": HUGETLB_BYTES}[plan.backing]
+        backing_bytes = backing[self.page_size] if backing else 0
         ok, handle = self._call(
             "create",
             line,
@@ -464,6 +477,8 @@ class Simulator:
                 boot_memory_bytes=plan.boot_memory,
                 dimm_slots=slots,
                 max_memory_bytes=self._max_memory(plan, cls),
+                pinned=plan.pinned,
+                backing_page_size=backing_bytes,
             ),
         )
         if not ok:
@@ -489,6 +504,7 @@ class Simulator:
                     VIRTIO_MEM_DEVICE,
                     region_size=vcfg.region_size,
                     block_size=vcfg.block_size,
+                    prealloc=vcfg.prealloc,
                 ),
             )
             if ok:
@@ -538,6 +554,23 @@ class Simulator:
             f"tags write {vm.plan.vm_id} {gpa:#x}+{size:#x}",
             lambda: vm.handle.copy_tags_to_guest(gpa, tags),
         )
+
+    def _discard(self, vm: _Vm, size: int) -> None:
+        """Free page reporting: the guest gives ``size`` bytes of its boot RAM back."""
+        boot = vm.plan.boot_memory
+        pool = vm.pools["boot"]
+        start = int(pool[int(vm.rng.integers(pool.shape[0])), 0]) if pool.shape[0] else 0
+        gpa = max(BOOT_RAM_GPA, min(start, BOOT_RAM_GPA + boot - size))
+        ok, outcome = self._call(
+            "discard",
+            f"discard {vm.plan.vm_id} {gpa:#x}+{size:#x}",
+            lambda: vm.handle.discard(gpa, size),
+        )
+        if ok:
+            self.counts["discards"] += 1
+            self.counts["discarded_bytes"] += outcome.discarded_bytes
+            # Memory given back is counted as mapped once, like memory unplugged.
+            self.counts["guest_mapped_bytes"] += outcome.discarded_bytes
 
     def _resize(self, vm: _Vm, size: int) -> None:
         vid = vm.plan.vm_id
@@ -627,6 +660,8 @@ class Simulator:
             self.counts["vms_destroyed"] += 1
             if info is not None:
                 self.counts["guest_mapped_bytes"] += info.mapped_bytes
+                self.counts["mapped_at_destroy_bytes"] += info.mapped_bytes
+                self.counts["huge_at_destroy_bytes"] += info.huge_page_bytes
             del self.vms[vid]
 
     def _do(self, action: Action) -> None:
@@ -646,6 +681,8 @@ class Simulator:
             self._dimm_add(vm, action.size)
         elif action.kind == "dimm_remove":
             self._dimm_remove(vm)
+        elif action.kind == "discard":
+            self._discard(vm, action.size)
         elif action.kind == "destroy":
             self._destroy(vm)
         else:  # pragma: no cover - make_plan only emits the kinds above
@@ -733,6 +770,11 @@ class Simulator:
             "evacuation_source": "WatchEvents evacuation events",
             "guest_mapped_bytes": mapped,
             "evacuated_pages_per_gib": evacuated / (mapped / GiB) if mapped else 0.0,
+            "huge_page_share": (
+                self.counts["huge_at_destroy_bytes"] / self.counts["mapped_at_destroy_bytes"]
+                if self.counts["mapped_at_destroy_bytes"]
+                else 0.0
+            ),
             "tag_blocks_reserved_events": tally.counts.get("tag_blocks_reserved", 0),
             "tag_reserve_failed_blocks": tally.counts.get("tag_reserve_failed", 0),
             "resource_exhausted": dict(sorted(self.resource_exhausted.items())),
@@ -834,7 +876,16 @@ def format_summary(summary: dict[str, Any]) -> str:
             "RESOURCE_EXHAUSTED refusals",
             f"{summary['resource_exhausted_total']} {summary['resource_exhausted'] or ''}".strip(),
         ),
-        ("NACKed virtio-mem plugs", str(summary["virtio_mem_nacks"])),
+        (
+            "virtio-mem plugs NACKed / BUSY",
+            f"{summary['virtio_mem_nacks']} / {summary.get('virtio_mem_busy', 0)}",
+        ),
+        (
+            "given back by free page reporting",
+            f"{format_size(summary.get('discarded_bytes', 0))} "
+            f"({summary.get('discards', 0)} discards)",
+        ),
+        ("huge-page-backed share at destroy", _pct(summary.get("huge_page_share"))),
         (
             "fault latency p50 / p99",
             "-" if p50 is None else f"{p50:.0f} us / {p99:.0f} us ({summary['faults']} faults)",

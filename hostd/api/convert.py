@@ -27,6 +27,7 @@ from hostd.model.migration import (
 )
 from hostd.model.types import (
     Access,
+    DiscardResult,
     FaultResult,
     HostExport,
     HostStatus,
@@ -102,6 +103,8 @@ def vm_config_from_proto(request: pb.CreateVmRequest) -> VmConfig:
         boot_memory_bytes=request.boot_memory_bytes,
         dimm_slots=request.dimm_slots,
         max_memory_bytes=request.max_memory_bytes,
+        pinned=request.pinned,
+        backing_page_size_bytes=request.backing_page_size,
     )
 
 
@@ -130,6 +133,7 @@ def virtio_mem_config_from_proto(config: pb.VirtioMemConfig) -> VirtioMemConfig:
         region_size_bytes=config.region_size,
         block_size_bytes=config.block_size,
         requested_size_bytes=config.requested_size,
+        prealloc=config.prealloc,
     )
 
 
@@ -213,6 +217,7 @@ def memory_device_to_proto(device: MemoryDeviceStatus) -> pb.MemoryDevice:
                 block_size=device.block_size_bytes,
                 plugged_size=device.plugged_bytes,
                 requested_size=device.requested_size_bytes,
+                prealloc=device.prealloc,
             )
         )
     return message
@@ -230,6 +235,10 @@ def vm_to_proto(vm: VmStatus) -> pb.Vm:
         mapped_bytes=vm.mapped_bytes,
         tagged_bytes=vm.tagged_bytes,
         regions=[memory_device_to_proto(r) for r in vm.regions],
+        pinned=vm.pinned,
+        discarded_bytes=vm.discarded_bytes,
+        backing_page_size=vm.backing_page_size_bytes,
+        huge_page_bytes=vm.huge_page_bytes,
     )
 
 
@@ -240,6 +249,15 @@ def fault_result_to_proto(result: FaultResult) -> pb.GuestFaultResponse:
         tag_blocks_reserved=result.tag_blocks_reserved,
         pages_migrated=result.pages_migrated,
         replays=result.replays,
+    )
+
+
+def discard_result_to_proto(result: DiscardResult) -> pb.DiscardGuestMemoryResponse:
+    """``DiscardGuestMemoryResponse`` for the model's ``DiscardResult``."""
+    return pb.DiscardGuestMemoryResponse(
+        discarded_bytes=result.discarded_bytes,
+        tagged_bytes=result.tagged_bytes,
+        tag_blocks_released=result.tag_blocks_released,
     )
 
 
@@ -349,6 +367,8 @@ def vm_config_to_proto(config: VmConfig) -> pb.CreateVmRequest:
         boot_memory_bytes=config.boot_memory_bytes,
         dimm_slots=config.dimm_slots,
         max_memory_bytes=config.max_memory_bytes,
+        pinned=config.pinned,
+        backing_page_size=config.backing_page_size_bytes,
     )
 
 
@@ -368,6 +388,7 @@ def manifest_to_proto(manifest: MigrationManifest) -> pb.MigrationManifest:
                 requested_size=d.requested_size_bytes,
                 usable_region_size=d.usable_region_size_bytes,
                 plugged_bitmap=d.plugged,
+                prealloc=d.prealloc,
             )
             for d in manifest.devices
         ],
@@ -398,6 +419,7 @@ def manifest_from_proto(manifest: pb.MigrationManifest) -> MigrationManifest:
                 requested_size_bytes=d.requested_size,
                 usable_region_size_bytes=d.usable_region_size,
                 plugged=d.plugged_bitmap,
+                prealloc=d.prealloc,
             )
             for d in manifest.devices
         ),

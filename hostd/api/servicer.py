@@ -643,6 +643,15 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         return convert.virtio_mem_answer_to_proto(answer)
 
     @_rpc(logging.DEBUG)
+    async def DiscardGuestMemory(
+        self, request: pb.DiscardGuestMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DiscardGuestMemoryResponse:
+        result = await self._call(
+            context, Host.discard_guest_memory, request.vm_id, request.gpa, request.length
+        )
+        return convert.discard_result_to_proto(result)
+
+    @_rpc(logging.DEBUG)
     async def CopyTags(
         self, request: pb.CopyTagsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CopyTagsResponse:

@@ -27,6 +27,8 @@ from hostd.model.topology import (
 from hostd.model.types import (
     BOOT_RAM_GPA,
     Access,
+    BackingKind,
+    DiscardResult,
     FaultResult,
     GiB,
     HostCounters,
@@ -63,7 +65,9 @@ __all__ = [
     "BOOT_RAM_GPA",
     "Access",
     "AlreadyExistsError",
+    "BackingKind",
     "ConfigError",
+    "DiscardResult",
     "Event",
     "FailedPreconditionError",
     "FaultResult",

@@ -36,6 +36,7 @@ from hostd.model.physmem import (
     KIND_TAGGABLE,
     KIND_UNTAGGABLE,
     NO_OWNER,
+    POOL_MTE_CAPABLE,
     TG_FREE,
     TG_TAGGED,
     TS_LENT,
@@ -125,7 +126,10 @@ class HostPageMigration:
         self.mem.tags.move(src, dst)
         for slot in np.unique(owners).tolist():
             sel = owners == slot
-            self._by_slot[int(slot)].stage2[offs[sel]] = (dst[sel] + 1).astype(np.uint32)
+            vm = self._by_slot[int(slot)]
+            vm.stage2[offs[sel]] = (dst[sel] + 1).astype(np.uint32)
+            # A migrated page leaves its folio: the THP is split, as on a fault replay.
+            vm.split_folios(offs[sel])
         if isolate:
             self.mem.owner[src] = NO_OWNER
             self.mem._set_flags(src, use=USE_DATA)
@@ -179,7 +183,8 @@ class HostPageMigration:
         if lent.size:
             owners = mem.owner[lent].astype(np.int64)
             gfns = mem.ts_gfn[mem._ts_slot(lent)].astype(np.int64)
-            is_mte = mem.mte_owner[owners]
+            # MTE guests tagged at fault keep their data on taggable memory (POOL_MTE_CAPABLE).
+            is_mte = mem.owner_pool[owners] == POOL_MTE_CAPABLE
             for mask, kinds in (
                 (is_mte, (KIND_TAGGABLE,)),
                 (~is_mte, (KIND_UNTAGGABLE, KIND_TAGGABLE)),
@@ -219,16 +224,25 @@ class HostPageMigration:
         used = np.flatnonzero(reg.refcount > 0)
         if used.size < 2:
             return 0
-        order = used[np.argsort(reg.refcount[used], kind="stable")]
+        # A block describing a pinned VM's tagged page cannot be emptied (long-term pinned
+        # pages do not migrate); it can still take pages in.
+        span_used = reg.data_pages(used)
+        pinned = (mem.pinned_owner[mem.owner[span_used]] & (mem.flags[span_used] == TG_TAGGED)).any(
+            axis=1
+        )
+        fixed = used[pinned]
+        movable = used[~pinned]
+        order = movable[np.argsort(reg.refcount[movable], kind="stable")]
         rc = reg.refcount[order].astype(np.int64)
         free = reg.span_free[order].astype(np.int64)
         moved_cum = np.cumsum(rc)
-        room_after = free.sum() - np.cumsum(free)  # free pages in the blocks kept after k
+        # Free pages in the blocks kept after k (the pinned blocks are always kept).
+        room_after = int(reg.span_free[fixed].sum()) + free.sum() - np.cumsum(free)
         fits = moved_cum <= room_after
         k = int(np.argmin(fits)) if not fits.all() else fits.size
         if k == 0:
             return 0
-        victims, keep = order[:k], order[k:][::-1]
+        victims, keep = order[:k], np.concatenate([order[k:][::-1], fixed])
         span = reg.data_pages(victims).ravel()
         src = span[mem.flags[span] == TG_TAGGED]
         room = reg.data_pages(keep).ravel()
@@ -294,16 +308,22 @@ class HostPageMigration:
             return 0, ""
         tagged = mem.flags[owned] == TG_TAGGED
         owners, offs = self._gfn_offsets_of(owned)
-        mte = mem.mte_owner[owners]
+        pools = mem.owner_pool[owners]
+        # Long-term pinned pages (VFIO) cannot migrate: the kernel's offlining fails -EBUSY.
+        pinned = mem.pinned_owner[owners]
+        movable = ~pinned
         moved = 0
-        # Each batch is all or nothing: untagged data of MTE guests (must stay on MTE-capable
-        # RAM), of other guests, then the tagged pages of each VM.
-        batches: list[tuple[npt.NDArray[np.bool_], bool]] = [
-            (~tagged & mte, False),
-            (~tagged & ~mte, False),
+        # Each batch is all or nothing: untagged data by where its owner's pages may live
+        # (POOL_*), then the tagged pages of each VM.
+        batches: list[tuple[npt.NDArray[np.bool_], bool, int]] = [
+            (~tagged & movable & (pools == p), False, p)
+            for p in np.unique(pools[~tagged & movable]).tolist()
         ]
-        batches += [(tagged & (owners == s), True) for s in np.unique(owners[tagged]).tolist()]
-        for mask, is_tagged in batches:
+        batches += [
+            (tagged & movable & (owners == s), True, 0)
+            for s in np.unique(owners[tagged & movable]).tolist()
+        ]
+        for mask, is_tagged, pool in batches:
             src = owned[mask]
             if src.size == 0:
                 continue
@@ -316,10 +336,12 @@ class HostPageMigration:
                         src.size,
                         mem.owner[src],
                         offs[mask],
-                        mte_capable_only=bool(mte[mask][0]),
+                        pool=pool,
                     )
             except ResourceExhaustedError as e:
                 return moved, f"{e.resource}: {e.message}"
             self._move_pages(src, dst, owners[mask], offs[mask], isolate=True)
             moved += int(src.size)
+        if pinned.any():
+            return moved, f"pinned: {int(pinned.sum())} pages of VMs with passthrough devices"
         return moved, ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from hostd.model.compaction import HostPageMigration
 from hostd.model.errors import (
     RESOURCE_DIMM_SLOTS,
     RESOURCE_GUEST_ADDRESS_SPACE,
+    RESOURCE_MEMORY,
     RESOURCE_TAGGABLE_MEMORY,
     AlreadyExistsError,
     FailedPreconditionError,
@@ -44,22 +45,29 @@ from hostd.model.migration import HostMigration, MigrationState
 from hostd.model.physmem import (
     KIND_TAGGABLE,
     PAGE_STATE_OF_FLAG,
+    POOL_ANY,
+    POOL_MTE_CAPABLE,
+    POOL_NOT_CMA,
+    POOL_TAGGABLE_FIRST,
     REBUILD_CHUNK_PAGES,
     TG_DATA,
     TG_FREE,
     TG_TAGGED,
-    TS_FREE,
     TS_RESERVED,
-    UT_FREE,
     PhysicalMemory,
     as_slice,
     require_pages,
 )
 from hostd.model.topology import HostTopology, parse_topology
 from hostd.model.types import (
+    BOOT_RAM_GPA,
+    HUGETLB_BYTES,
     MAX_FAULT_BYTES,
     MTE_GRANULE_BYTES,
+    THP_BYTES,
     Access,
+    BackingKind,
+    DiscardResult,
     FaultResult,
     HostCounters,
     HostExport,
@@ -82,6 +90,7 @@ from hostd.model.types import (
     VirtioMemResponse,
     VmConfig,
     VmStatus,
+    backing_kind,
 )
 from hostd.model.vm import MemoryDevice, Vm
 
@@ -251,19 +260,41 @@ class Host(HostMigration, HostPageMigration):
         vm.tagged_pages -= int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
         vm.mapped_pages -= pages.size
         vm.stage2[offs[mapped]] = 0
+        vm.split_folios(offs[mapped])
         self.mem.free(pages)
 
     def _remap(self, slot: int, offs: IndexArray, pages: IndexArray) -> None:
-        self._by_slot[slot].stage2[offs] = (pages + 1).astype(np.uint32)
+        vm = self._by_slot[slot]
+        vm.stage2[offs] = (pages + 1).astype(np.uint32)
+        # A migrated page leaves its folio: the THP is split.
+        vm.split_folios(offs)
 
     def _prefault_tagged(self, vm: Vm, offs: IndexArray) -> int:
-        """EAGER: back guest pages with tagged memory now, so later faults cannot fail."""
+        """Back guest pages with tagged memory now, so later faults cannot fail."""
         pages, reserved, _ = self.mem.alloc_tagged(offs.size, vm.slot, offs)
         self._map(vm, offs, pages, tagged=True)
         return reserved
 
-    def _needs_prefault(self, vm: Vm) -> bool:
-        return vm.config.mte_enabled and vm.config.tag_policy is TagPolicy.EAGER
+    def _backs_up_front(self, vm: Vm) -> bool:
+        """Whether plugged memory is backed the moment it appears: EAGER is preallocation (QEMU
+        ``prealloc=on`` for an MTE guest), and a pinned guest's memory is pinned, so backed, when
+        VFIO maps it."""
+        cfg = vm.config
+        return cfg.pinned or (cfg.mte_enabled and cfg.tag_policy is TagPolicy.EAGER)
+
+    @staticmethod
+    def _untagged_pool(config: VmConfig) -> int:
+        """Where a VM's untagged pages may live (physmem ``POOL_*``)."""
+        if config.pinned:
+            # Long-term pinning migrates pages out of CMA first: never lent tag storage.
+            return POOL_NOT_CMA
+        if not config.mte_enabled:
+            return POOL_ANY
+        if config.tag_policy is TagPolicy.ON_TAG_ACCESS:
+            # Mapped NoTagAccess (FEAT_MTE_PERM), untagged data may even live on memory that
+            # cannot hold tags; taggable memory first, so a first tag access rarely moves it.
+            return POOL_TAGGABLE_FIRST
+        return POOL_MTE_CAPABLE
 
     # ----------------------------------------------------------------- VMs
 
@@ -289,11 +320,34 @@ class Host(HostMigration, HostPageMigration):
             )
         if not 0 <= config.dimm_slots <= MAX_DIMM_SLOTS:
             raise InvalidArgumentError("dimm_slots", config.dimm_slots, f"0..{MAX_DIMM_SLOTS}")
-        if (
-            config.mte_enabled
-            and config.tag_policy is TagPolicy.ON_TAG_ACCESS
-            and not self.topology.mte_perm
-        ):
+        kind = backing_kind(ps, config.backing_page_size_bytes)
+        if kind is None:
+            raise InvalidArgumentError(
+                "backing_page_size",
+                config.backing_page_size_bytes,
+                f"must be 0 or the page size ({ps:#x}), the THP size "
+                f"({THP_BYTES[ps]:#x}) or the hugetlb size ({HUGETLB_BYTES[ps]:#x})",
+            )
+        config = replace(config, backing_page_size_bytes=max(config.backing_page_size_bytes, ps))
+        huge_bytes = config.backing_page_size_bytes
+        if kind is BackingKind.HUGETLB and config.boot_memory_bytes % huge_bytes:
+            # QEMU: a hugetlbfs memory backend's size must be a multiple of its page size.
+            raise InvalidArgumentError(
+                "boot_memory_bytes",
+                config.boot_memory_bytes,
+                f"must be a multiple of the hugetlb page size "
+                f"({config.backing_page_size_bytes:#x})",
+            )
+        on_tag_access = config.mte_enabled and config.tag_policy is TagPolicy.ON_TAG_ACCESS
+        if on_tag_access and config.pinned:
+            raise FailedPreconditionError(
+                "tag policy ON_TAG_ACCESS cannot serve a pinned VM: a page that must move when "
+                "the guest first touches its tags cannot move while it is pinned",
+                reason="POLICY_NOT_SUPPORTED",
+                tag_policy=config.tag_policy.value,
+                pinned=True,
+            )
+        if on_tag_access and not self.topology.mte_perm:
             raise FailedPreconditionError(
                 "tag policy ON_TAG_ACCESS needs a host with FEAT_MTE_PERM (mte_perm)",
                 reason="POLICY_NOT_SUPPORTED",
@@ -307,14 +361,15 @@ class Host(HostMigration, HostPageMigration):
         if slot is None:
             raise ResourceExhaustedError("vm_slots", f"at most {MAX_VMS} VMs")
         vm = Vm.create(slot, config, ps)
-        self.mem.mte_owner[slot] = config.mte_enabled
+        self.mem.owner_pool[slot] = self._untagged_pool(config)
+        self.mem.pinned_owner[slot] = config.pinned
         self._vms[config.vm_id] = vm
         self._by_slot[slot] = vm
-        if self._needs_prefault(vm):
+        if self._backs_up_front(vm):
             boot = vm.boot_ram
             first = vm.gfn_offset(boot.gpa)
             try:
-                self._prefault_tagged(vm, np.arange(first, first + boot.size_bytes // ps))
+                self._back(vm, np.arange(first, first + boot.size_bytes // ps))
             except TagStoreError:
                 self._forget_vm(vm)
                 raise
@@ -324,7 +379,8 @@ class Host(HostMigration, HostPageMigration):
     def _forget_vm(self, vm: Vm) -> None:
         del self._vms[vm.vm_id]
         del self._by_slot[vm.slot]
-        self.mem.mte_owner[vm.slot] = False
+        self.mem.owner_pool[vm.slot] = POOL_ANY
+        self.mem.pinned_owner[vm.slot] = False
 
     def get_vm(self, vm_id: str) -> VmStatus:
         return self._vm_status(self._vm(vm_id))
@@ -360,6 +416,10 @@ class Host(HostMigration, HostPageMigration):
             mapped_bytes=vm.mapped_pages * ps,
             tagged_bytes=vm.tagged_pages * ps,
             regions=tuple(regions),
+            pinned=c.pinned,
+            discarded_bytes=vm.discarded_pages * ps,
+            backing_page_size_bytes=c.backing_page_size_bytes,
+            huge_page_bytes=vm.huge_pages * ps,
         )
 
     def _device_status(self, vm: Vm, d: MemoryDevice) -> MemoryDeviceStatus:
@@ -377,9 +437,10 @@ class Host(HostMigration, HostPageMigration):
         self._migration_refuse_config(vm, "adding a memory device")
         _check_id("device_id", device_id)
         ps = self.page_size
-        if size_bytes <= 0 or size_bytes % ps:
+        unit = self._hugetlb_bytes(vm) or ps
+        if size_bytes <= 0 or size_bytes % unit:
             raise InvalidArgumentError(
-                "size_bytes", size_bytes, f"must be a non-zero multiple of {ps:#x}"
+                "size_bytes", size_bytes, f"must be a non-zero multiple of {unit:#x}"
             )
         self._check_new_device(vm, device_id)
         if vm.nr_dimms() >= vm.config.dimm_slots:
@@ -392,10 +453,10 @@ class Host(HostMigration, HostPageMigration):
         gpa = self._place(vm, size_bytes, ps)
         dev = MemoryDevice(device_id, MemoryDeviceKind.DIMM, gpa, size_bytes)
         vm.devices[device_id] = dev
-        if self._needs_prefault(vm):
+        if self._backs_up_front(vm):
             first = vm.gfn_offset(gpa)
             try:
-                self._prefault_tagged(vm, np.arange(first, first + size_bytes // ps))
+                self._back(vm, np.arange(first, first + size_bytes // ps))
             except TagStoreError:
                 del vm.devices[device_id]
                 raise
@@ -421,6 +482,12 @@ class Host(HostMigration, HostPageMigration):
                 config.region_size_bytes,
                 f"must be a non-zero multiple of block_size ({bs:#x})",
             )
+        hugetlb = self._hugetlb_bytes(vm)
+        if hugetlb and bs % hugetlb:
+            # QEMU: the block size must be at least the memory backend's page size.
+            raise InvalidArgumentError(
+                "block_size", bs, f"must be a multiple of the VM's hugetlb page size ({hugetlb:#x})"
+            )
         self._check_requested(config.requested_size_bytes, bs, config.region_size_bytes)
         self._check_new_device(vm, device_id)
         gpa = self._place(vm, config.region_size_bytes, bs)
@@ -431,6 +498,7 @@ class Host(HostMigration, HostPageMigration):
             config.region_size_bytes,
             block_size_bytes=bs,
             requested_size_bytes=config.requested_size_bytes,
+            prealloc=bool(config.prealloc),
             plugged=np.zeros(config.region_size_bytes // bs, dtype=bool),
         )
         dev.resize_usable_region(config.requested_size_bytes, can_shrink=True)
@@ -457,8 +525,19 @@ class Host(HostMigration, HostPageMigration):
                 device_id=device_id,
             )
 
+    def _hugetlb_bytes(self, vm: Vm) -> int:
+        """The VM's hugetlb page size, or 0 when it is not backed by hugetlbfs."""
+        size = vm.config.backing_page_size_bytes
+        return size if backing_kind(self.page_size, size) is BackingKind.HUGETLB else 0
+
     def _place(self, vm: Vm, size_bytes: int, align_bytes: int) -> int:
-        gpa = vm.place_device(size_bytes, align_bytes)
+        # Folios are aligned in the stage-2 map (as in the memory backend), counted from boot
+        # RAM: a device starts on a folio boundary so that it can be backed by whole folios.
+        folio_bytes = vm.folio_pages * self.page_size
+        if folio_bytes > align_bytes:
+            gpa = vm.place_device(size_bytes, folio_bytes, origin=BOOT_RAM_GPA)
+        else:
+            gpa = vm.place_device(size_bytes, align_bytes)
         if gpa is None:
             raise ResourceExhaustedError(
                 RESOURCE_GUEST_ADDRESS_SPACE,
@@ -470,7 +549,8 @@ class Host(HostMigration, HostPageMigration):
         return gpa
 
     def remove_memory_device(self, vm_id: str, device_id: str) -> None:
-        """Remove a DIMM (its memory is released) or a virtio-mem device with nothing plugged."""
+        """Remove a DIMM (its memory is released) or a virtio-mem device with nothing plugged
+        and nothing requested."""
         vm = self._vm(vm_id)
         self._migration_refuse_config(vm, "removing a memory device")
         dev = self._device(vm, device_id)
@@ -485,6 +565,17 @@ class Host(HostMigration, HostPageMigration):
                 vm_id=vm_id,
                 device_id=device_id,
                 plugged_bytes=dev.plugged_bytes,
+            )
+        if dev.is_virtio_mem and dev.requested_size_bytes:
+            # QEMU's unplug request check, after the plugged size: "cannot get unplugged while
+            # 'requested-size' != '0'".
+            raise FailedPreconditionError(
+                f"virtio-mem device {device_id!r} has requested_size "
+                f"{dev.requested_size_bytes:#x}; set it to 0 and let the guest unplug first",
+                reason="REQUESTED_SIZE_NOT_ZERO",
+                vm_id=vm_id,
+                device_id=device_id,
+                requested_size_bytes=dev.requested_size_bytes,
             )
         first = vm.gfn_offset(dev.gpa)
         self._unmap(vm, np.arange(first, first + dev.size_bytes // self.page_size))
@@ -501,6 +592,8 @@ class Host(HostMigration, HostPageMigration):
         self._migration_refuse_config(vm, "resizing a memory device")
         dev = self._virtio_mem(vm, device_id)
         self._check_requested(requested_size_bytes, dev.block_size_bytes, dev.size_bytes)
+        if self._preallocates(vm, dev) and requested_size_bytes > dev.requested_size_bytes:
+            self._check_backable(vm, dev, requested_size_bytes)
         dev.requested_size_bytes = requested_size_bytes
         dev.resize_usable_region(requested_size_bytes, can_shrink=False)
         self._emit(
@@ -561,16 +654,22 @@ class Host(HostMigration, HostPageMigration):
         base = vm.gfn_offset(dev.gpa)
         return (base + blocks[:, None] * per + np.arange(per)).ravel().astype(np.int64)
 
+    def _preallocates(self, vm: Vm, dev: MemoryDevice) -> bool:
+        """Whether a PLUG on ``dev`` backs its blocks before it is ACKed: QEMU's ``prealloc``
+        device property, which an EAGER MTE guest and a pinned guest imply."""
+        return dev.prealloc or self._backs_up_front(vm)
+
     def _plug_blocks(self, vm: Vm, dev: MemoryDevice, blocks: IndexArray) -> VirtioMemResponse:
         offs = self._block_offsets(vm, dev, blocks)
-        if self._needs_prefault(vm):
+        if self._preallocates(vm, dev):
             try:
-                self._prefault_tagged(vm, offs)
+                self._back(vm, offs)
             except ResourceExhaustedError:
-                return VirtioMemResponse.NACK
-        elif offs.size > self._backable_pages(vm):
-            # The host could not back these blocks with memory of the right kind.
-            return VirtioMemResponse.NACK
+                # QEMU answers BUSY when preallocation fails (Linux retries on a backoff
+                # timer); NACK is only for requested_size, and a guest retries it at once.
+                return VirtioMemResponse.BUSY
+        # Without prealloc the PLUG promises address space only: memory is found at fault
+        # time, as on a real host (where a fault that cannot be backed fails).
         dev.plugged[blocks] = True
         self._emit(
             Event(
@@ -579,11 +678,51 @@ class Host(HostMigration, HostPageMigration):
         )
         return VirtioMemResponse.ACK
 
+    def _back(self, vm: Vm, offs: IndexArray) -> None:
+        """Back guest pages ``offs`` (not mapped yet) now, as a preallocation does: tagged for
+        an MTE guest whose policy provides tags at fault, untagged otherwise."""
+        cfg = vm.config
+        tagged = cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
+        folio_offs = np.empty(0, np.int64)
+        if vm.folio_pages > 1:
+            offs, folio_offs, _ = self._map_folios(vm, offs, tagged=tagged)
+        try:
+            if tagged:
+                self._prefault_tagged(vm, offs)
+            else:
+                pool = self._untagged_pool(cfg)
+                pages = self.mem.alloc_untagged(offs.size, vm.slot, offs, pool=pool)
+                self._map(vm, offs, pages, tagged=False)
+        except TagStoreError:
+            self._unmap(vm, folio_offs)
+            raise
+
     def _backable_pages(self, vm: Vm) -> int:
-        mem = self.mem
-        if vm.config.mte_enabled:
-            return mem.free_pages(TG_FREE)
-        return mem.free_pages(UT_FREE) + mem.free_pages(TG_FREE) + mem.free_pages(TS_FREE)
+        cfg = vm.config
+        if cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS:
+            return self.mem.free_pages(TG_FREE)
+        return self.mem.untagged_capacity(self._untagged_pool(cfg))
+
+    def _check_backable(self, vm: Vm, dev: MemoryDevice, requested_size_bytes: int) -> None:
+        """Refuse a requested size a preallocating device could not back now: the admission
+        check a VMM makes before it sets QEMU's ``requested-size``."""
+        need = (requested_size_bytes - dev.plugged_bytes) // self.page_size
+        available = self._backable_pages(vm)
+        if need > available:
+            cfg = vm.config
+            tagged = cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
+            resource = RESOURCE_TAGGABLE_MEMORY if tagged else RESOURCE_MEMORY
+            raise ResourceExhaustedError(
+                resource,
+                f"virtio-mem device {dev.device_id!r} preallocates: requested_size "
+                f"{requested_size_bytes:#x} needs {need} more pages, the host can back "
+                f"{available}",
+                vm_id=vm.vm_id,
+                device_id=dev.device_id,
+                requested_size_bytes=requested_size_bytes,
+                nr_pages=need,
+                available_pages=available,
+            )
 
     def _unplug_blocks(self, vm: Vm, dev: MemoryDevice, blocks: IndexArray) -> None:
         if blocks.size == 0:
@@ -668,10 +807,105 @@ class Host(HostMigration, HostPageMigration):
             return FaultResult()
         self._migration_mark_dirty(vm, offs)
         unmapped = offs[s2 == 0]
+        on_tag_access = cfg.mte_enabled and cfg.tag_policy is TagPolicy.ON_TAG_ACCESS
+        if on_tag_access and access is Access.TAG and vm.folio_pages > 1:
+            # Tag storage is reserved per folio: a tag access to a huge folio tags all of it
+            # (pages that cannot be tagged in place move, which splits the folio).
+            fp = vm.folio_pages
+            folios = np.unique(offs // fp)
+            folios = folios[vm.huge[folios]]
+            if folios.size:
+                offs = np.union1d(offs, (folios[:, None] * fp + np.arange(fp)).ravel())
+                s2 = vm.stage2[offs]
+            return self._fault_pages(vm, offs, s2, unmapped, needs_tags)
+        if vm.folio_pages == 1 or not unmapped.size:
+            return self._fault_pages(vm, offs, s2, unmapped, needs_tags)
+        unmapped, folio_offs, folio_reserved = self._map_folios(vm, unmapped, tagged=needs_tags)
+        try:
+            rest = self._fault_pages(vm, offs, vm.stage2[as_slice(offs)], unmapped, needs_tags)
+        except TagStoreError:
+            self._unmap(vm, folio_offs)  # a refused fault maps nothing
+            raise
+        return FaultResult(
+            newly_mapped_pages=rest.newly_mapped_pages + folio_offs.size,
+            tag_blocks_reserved=rest.tag_blocks_reserved + folio_reserved,
+            pages_migrated=rest.pages_migrated,
+            replays=rest.replays,
+        )
+
+    def _map_folios(
+        self, vm: Vm, unmapped: IndexArray, *, tagged: bool
+    ) -> tuple[IndexArray, IndexArray, int]:
+        """Back whole huge folios of a fault: every folio touched by ``unmapped`` that is wholly
+        unmapped, plugged and inside one device gets one contiguous, aligned host folio (the
+        fault maps and reserves tag storage for all of it, as v3 does by ``folio_order``).
+
+        Returns the offsets left for small pages, the offsets mapped here and the tag blocks
+        reserved. When the host has no such folios left (fragmentation), THP falls back to
+        small pages and hugetlb refuses the fault (ResourceExhaustedError, nothing mapped).
+        """
+        fp = vm.folio_pages
+        ps = self.page_size
+        empty = np.empty(0, np.int64)
+        folios = np.unique(unmapped // fp)
+        folios = folios[(folios + 1) * fp <= vm.stage2.size]
+        if folios.size == 0:
+            return unmapped, empty, 0
+        starts = folios * fp
+        lo = int(starts[0])
+        nr = int(starts[-1]) + fp - lo
+        span = vm.stage2[lo : lo + nr].reshape(-1, fp) if nr == folios.size * fp else None
+        if span is None:
+            whole = (vm.stage2[starts[:, None] + np.arange(fp)] == 0).all(axis=1)
+        else:
+            whole = (span == 0).all(axis=1)
+        plugged = vm.plugged_mask(BOOT_RAM_GPA + lo * ps, nr)
+        rel = starts - lo
+        whole &= plugged[rel[:, None] + np.arange(fp)].all(axis=1)
+        bounds = np.array(sorted(vm.gfn_offset(d.gpa) for d in vm.devices.values()), np.int64)
+        whole &= np.searchsorted(bounds, starts, "right") == np.searchsorted(
+            bounds, starts + fp - 1, "right"
+        )
+        take = folios[whole]
+        if take.size == 0:
+            return unmapped, empty, 0
+        offs = (take[:, None] * fp + np.arange(fp)).ravel()
+        try:
+            pages, reserved = self.mem.alloc_folios(
+                take.size,
+                fp,
+                vm.slot,
+                offs,
+                tagged=tagged,
+                pool=self._untagged_pool(vm.config),
+            )
+        except ResourceExhaustedError:
+            if self._hugetlb_bytes(vm):
+                raise  # hugetlbfs has no fallback: the fault fails (SIGBUS in the VMM)
+            self.counters.add(self.counters.huge_folios, "fallback", take.size)
+            return unmapped, empty, 0
+        self._map(vm, offs, pages, tagged=tagged)
+        vm.huge[take] = True
+        self.counters.add(self.counters.huge_folios, "mapped", take.size)
+        return unmapped[~np.isin(unmapped // fp, take)], offs, reserved
+
+    def _fault_pages(
+        self,
+        vm: Vm,
+        offs: IndexArray,
+        s2: npt.NDArray[np.uint32],
+        unmapped: IndexArray,
+        needs_tags: bool,
+    ) -> FaultResult:
+        """The small-page part of a fault: map ``unmapped`` page by page (vectorised) and, for
+        ON_TAG_ACCESS tag accesses, tag or move the mapped untagged pages of ``offs``."""
+        cfg = vm.config
+        if not unmapped.size and not (needs_tags and bool((s2 != 0).any())):
+            return FaultResult()
         if not needs_tags:
-            # Untagged memory; an MTE guest's stays on MTE-capable RAM (may be lent tag storage).
+            # Untagged memory, from where the VM's pool allows (may be lent tag storage).
             pages = self.mem.alloc_untagged(
-                unmapped.size, vm.slot, unmapped, mte_capable_only=cfg.mte_enabled
+                unmapped.size, vm.slot, unmapped, pool=self._untagged_pool(cfg)
             )
             self._map(vm, unmapped, pages, tagged=False)
             return FaultResult(newly_mapped_pages=unmapped.size)
@@ -715,6 +949,7 @@ class Host(HostMigration, HostPageMigration):
         if to_move.size:
             old = vm.stage2[to_move].astype(np.int64) - 1
             moved_to = pages[n_new:]
+            vm.split_folios(to_move)
             # Restore tags on the destination before the source is given up.
             self.mem.tags.move(old, moved_to)
             vm.stage2[to_move] = (moved_to + 1).astype(np.uint32)
@@ -731,6 +966,48 @@ class Host(HostMigration, HostPageMigration):
             replays=replays,
         )
 
+    # ----------------------------------------------------------------- memory given back
+
+    def discard_guest_memory(self, vm_id: str, gpa: int, length_bytes: int) -> DiscardResult:
+        """The VMM discards a guest range the guest gave back (free page reporting, balloon
+        inflation: ``MADV_DONTNEED``): its host pages are freed with their tags, and a tag block
+        with its last tagged page. A later access maps fresh zeroed, untagged memory.
+
+        Whole pages of plugged memory only; a pinned VM's memory cannot be discarded (QEMU
+        inhibits the balloon and free page reporting while a VFIO device pins guest memory).
+        """
+        vm = self._vm(vm_id)
+        offs = self._guest_range(vm, gpa, length_bytes, MAX_FAULT_BYTES)
+        if vm.config.pinned:
+            raise FailedPreconditionError(
+                f"VM {vm_id!r} is pinned: its memory cannot be discarded (QEMU inhibits the "
+                "balloon and free page reporting while a VFIO device pins guest memory)",
+                reason="VM_PINNED",
+                vm_id=vm_id,
+            )
+        hugetlb = self._hugetlb_bytes(vm)
+        if hugetlb and ((gpa - BOOT_RAM_GPA) % hugetlb or length_bytes % hugetlb):
+            # MADV_DONTNEED on hugetlbfs takes whole huge pages (EINVAL otherwise).
+            field, value = ("length", length_bytes) if length_bytes % hugetlb else ("gpa", gpa)
+            raise InvalidArgumentError(
+                field, value, f"must be aligned to the VM's hugetlb page size ({hugetlb:#x})"
+            )
+        s2 = vm.stage2[as_slice(offs)]
+        pages = s2[s2 != 0].astype(np.int64) - 1
+        nr_tagged = int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
+        released_before = sum(self.counters.tag_blocks_released.values())
+        self._unmap(vm, offs)
+        vm.discarded_pages += pages.size
+        self.counters.add(self.counters.discarded_bytes, "tagged", nr_tagged * self.page_size)
+        self.counters.add(
+            self.counters.discarded_bytes, "untagged", (pages.size - nr_tagged) * self.page_size
+        )
+        return DiscardResult(
+            discarded_bytes=pages.size * self.page_size,
+            tagged_bytes=nr_tagged * self.page_size,
+            tag_blocks_released=sum(self.counters.tag_blocks_released.values()) - released_before,
+        )
+
     # ----------------------------------------------------------------- tags
 
     def copy_tags(
@@ -743,8 +1020,10 @@ class Host(HostMigration, HostPageMigration):
     ) -> bytes:
         """``KVM_ARM_MTE_COPY_TAGS``: ``length/16`` tags, one per byte, to or from the guest.
 
-        Pages not mapped yet are faulted in first, as the ioctl does; for an MTE guest that is
-        a tag access, so every page of the range ends up tagged.
+        TO_GUEST writes tags: pages not mapped yet are faulted in as a tag access, so every page
+        of the range ends up tagged. FROM_GUEST only reads: a page without tags (unmapped or
+        untagged) reads as zeros and is neither mapped nor tagged (KVM: "No tags in memory, so
+        write zeros"), so that a tag dump, as migration pre-copy does, changes nothing.
         """
         vm = self._vm(vm_id)
         self._migration_refuse_io(vm, "tag copy")
@@ -768,14 +1047,18 @@ class Host(HostMigration, HostPageMigration):
                 raise InvalidArgumentError(
                     "tags", f"tags[{bad}]={arr[bad]:#x}", "an MTE tag is 4 bits (0..15)"
                 )
-        self._fault(vm, offs, Access.TAG)
-        pages = vm.stage2[offs].astype(np.int64) - 1
         self.counters.add(self.counters.tags_copied_bytes, direction.value, nr_tags)
         if direction is TagCopyDirection.TO_GUEST:
+            self._fault(vm, offs, Access.TAG)
+            pages = vm.stage2[offs].astype(np.int64) - 1
             self.mem.tags.write(pages, arr.reshape(offs.size, -1))
             self._migration_mark_dirty(vm, offs)
             return b""
-        return self.mem.tags.read(pages).tobytes()
+        s2 = vm.stage2[offs]
+        mapped = s2 != 0
+        out = np.zeros((offs.size, self.mem.tags.tags_per_page), dtype=np.uint8)
+        out[mapped] = self.mem.tags.read(s2[mapped].astype(np.int64) - 1)
+        return out.tobytes()
 
     # ----------------------------------------------------------------- views
 
@@ -920,6 +1203,8 @@ class Host(HostMigration, HostPageMigration):
         vms: list[dict[str, Any]] = []
         for vm in self._vms.values():
             arrays[f"vm{vm.slot}_stage2"] = vm.stage2
+            if vm.folio_pages > 1:
+                arrays[f"vm{vm.slot}_huge"] = vm.huge
             devices = []
             for i, d in enumerate(vm.devices.values()):
                 if d.is_virtio_mem:
@@ -934,11 +1219,19 @@ class Host(HostMigration, HostPageMigration):
                         "block_size_bytes": d.block_size_bytes,
                         "requested_size_bytes": d.requested_size_bytes,
                         "usable_region_size_bytes": d.usable_region_size_bytes,
+                        "prealloc": d.prealloc,
                     }
                 )
             config = asdict(vm.config)
             config["tag_policy"] = vm.config.tag_policy.value
-            vms.append({"slot": vm.slot, "config": config, "devices": devices})
+            vms.append(
+                {
+                    "slot": vm.slot,
+                    "config": config,
+                    "devices": devices,
+                    "discarded_pages": vm.discarded_pages,
+                }
+            )
         tables = {
             "topology": topology_to_doc(self.topology),
             "placement": mem.placement.value,
@@ -974,6 +1267,7 @@ class Host(HostMigration, HostPageMigration):
                     d["block_size_bytes"],
                     d["requested_size_bytes"],
                     d["usable_region_size_bytes"],
+                    d.get("prealloc", False),
                 )
                 if dev.is_virtio_mem:
                     dev.plugged = np.asarray(a[f"vm{vm.slot}_dev{d['index']}_plugged"], bool)
@@ -985,9 +1279,13 @@ class Host(HostMigration, HostPageMigration):
                 pages = s2[s2 != 0].astype(np.int64) - 1
                 vm.mapped_pages += pages.size
                 vm.tagged_pages += int(np.count_nonzero(mem.flags[pages] == TG_TAGGED))
+            if vm.folio_pages > 1 and f"vm{vm.slot}_huge" in a:
+                vm.huge[:] = a[f"vm{vm.slot}_huge"]
+            vm.discarded_pages = int(entry.get("discarded_pages", 0))
             host._vms[vm.vm_id] = vm
             host._by_slot[vm.slot] = vm
-            mem.mte_owner[vm.slot] = vm.config.mte_enabled
+            mem.owner_pool[vm.slot] = host._untagged_pool(vm.config)
+            mem.pinned_owner[vm.slot] = vm.config.pinned
         host.counters.load_doc(t["counters"])
         host._restore_migrations(t.get("migrations", []), a)
         return host

@@ -157,7 +157,8 @@ def check(host: Host) -> list[str]:
             )
         if not vm.config.mte_enabled and nr_tagged:
             out.append(f"VM {vm.vm_id}: non-MTE VM holds {nr_tagged} tagged pages")
-        if vm.config.mte_enabled:
+        # ON_TAG_ACCESS maps untagged pages NoTagAccess, which untaggable RAM allows.
+        if vm.config.mte_enabled and vm.config.tag_policy is not TagPolicy.ON_TAG_ACCESS:
             kinds = flags[pages] >> 2
             if (kinds == 0).any():
                 out.append(f"VM {vm.vm_id}: MTE guest memory on untaggable RAM")
@@ -167,7 +168,8 @@ def check(host: Host) -> list[str]:
         if tagged_on_fault and nr_tagged != pages.size:
             out.append(f"VM {vm.vm_id}: {vm.config.tag_policy.value} VM with untagged pages")
         eager = vm.config.mte_enabled and vm.config.tag_policy is TagPolicy.EAGER
-        if eager and nr_tagged != int(plugged.sum()):
+        # Memory an EAGER VM gave back (discarded) is faulted in again later, like ON_FAULT's.
+        if eager and vm.discarded_pages == 0 and nr_tagged != int(plugged.sum()):
             out.append(f"VM {vm.vm_id}: EAGER VM with plugged memory not backed tagged")
         ts = (flags[pages] >> 2) == KIND_TAG_STORAGE
         if ts.any():
@@ -186,4 +188,87 @@ def check(host: Host) -> list[str]:
             f"tags stored for untagged pages: {_examples(tag_pages[flags[tag_pages] != TG_TAGGED])}"
         )
     out += host.migration_invariants()
+    out += check_pinned(host)
+    out += check_owner_pools(host)
+    out += check_folios(host)
+    return out
+
+
+def check_folios(host: Host) -> list[str]:
+    """A folio marked huge is mapped whole to one physically contiguous run of host pages,
+    aligned to the folio size in pfn space, all in the same state."""
+    mem = host.mem
+    out: list[str] = []
+    for vm in host.vms.values():
+        fp = vm.folio_pages
+        if fp == 1:
+            if vm.huge.any():
+                out.append(f"VM {vm.vm_id}: small-page VM with huge folios")
+            continue
+        folios = np.flatnonzero(vm.huge).astype(np.int64)
+        if folios.size == 0:
+            continue
+        s2 = vm.stage2[folios[:, None] * fp + np.arange(fp)].astype(np.int64)
+        if not s2.all():
+            out.append(f"VM {vm.vm_id}: huge folios not mapped whole")
+            continue
+        pages = s2 - 1
+        if not (np.diff(pages, axis=1) == 1).all():
+            out.append(f"VM {vm.vm_id}: huge folios not physically contiguous")
+        if (mem.pfn_of(pages[:, 0]) % fp).any():
+            out.append(f"VM {vm.vm_id}: huge folios not aligned to their size")
+        fl = mem.flags[pages]
+        if not (fl == fl[:, :1]).all():
+            out.append(f"VM {vm.vm_id}: huge folios with pages in different states")
+    return out
+
+
+def check_pinned(host: Host) -> list[str]:
+    """A pinned VM has all of its plugged memory backed (VFIO pins it when it appears), none of
+    it in tag storage (pinning migrates pages out of CMA first), and nothing discarded."""
+    mem = host.mem
+    out: list[str] = []
+    for vm in host.vms.values():
+        if not vm.config.pinned:
+            continue
+        plugged = vm.plugged_offsets()
+        s2 = vm.stage2[plugged]
+        if not s2.all():
+            out.append(
+                f"VM {vm.vm_id}: pinned VM with {int((s2 == 0).sum())} plugged pages unbacked"
+            )
+        pages = s2[s2 != 0].astype(np.int64) - 1
+        in_cma = (mem.flags[pages] >> 2) == KIND_TAG_STORAGE
+        if in_cma.any():
+            out.append(
+                f"VM {vm.vm_id}: pinned memory in lent tag storage: {_examples(pages[in_cma])}"
+            )
+        if vm.discarded_pages:
+            out.append(f"VM {vm.vm_id}: pinned VM with {vm.discarded_pages} discarded pages")
+        if not mem.pinned_owner[vm.slot]:
+            out.append(f"VM {vm.vm_id}: pinned VM not marked pinned for the allocator")
+    return out
+
+
+def check_owner_pools(host: Host) -> list[str]:
+    """Every VM's allocator pool is the one its config calls for, and no live slot's pages sit
+    where its pool does not allow."""
+    from hostd.model.physmem import KIND_UNTAGGABLE, POOL_MTE_CAPABLE, POOL_NOT_CMA
+
+    mem = host.mem
+    out: list[str] = []
+    for vm in host.vms.values():
+        pool = int(mem.owner_pool[vm.slot])
+        if pool != host._untagged_pool(vm.config):
+            out.append(f"VM {vm.vm_id}: allocator pool {pool} does not match its config")
+            continue
+        if pool not in (POOL_NOT_CMA, POOL_MTE_CAPABLE):
+            continue
+        # The VM's pages are its mapped pages (check() compares them with the owners).
+        s2 = vm.stage2[vm.stage2 != 0].astype(np.int64) - 1
+        kinds = mem.flags[s2[s2 < mem.nr_pages]] >> 2
+        if pool == POOL_NOT_CMA and (kinds == KIND_TAG_STORAGE).any():
+            out.append(f"VM {vm.vm_id}: pages in tag storage against its pool")
+        if pool == POOL_MTE_CAPABLE and (kinds == KIND_UNTAGGABLE).any():
+            out.append(f"VM {vm.vm_id}: pages on untaggable RAM against its pool")
     return out

@@ -124,6 +124,7 @@ class DeviceManifest:
     requested_size_bytes: int = 0
     usable_region_size_bytes: int = 0
     plugged: bytes = b""  # virtio-mem: the plugged-block bitmap (np.packbits, big-endian bits)
+    prealloc: bool = False  # virtio-mem: QEMU's prealloc property
 
 
 @dataclass(frozen=True)
@@ -442,6 +443,7 @@ class HostMigration:
                 d.requested_size_bytes,
                 d.usable_region_size_bytes,
                 _bits(d.plugged) if d.is_virtio_mem else b"",
+                d.prealloc,
             )
             for d in sorted(vm.devices.values(), key=lambda d: d.gpa)
         )
@@ -731,6 +733,7 @@ class HostMigration:
                 d.block_size_bytes,
                 d.requested_size_bytes,
                 d.usable_region_size_bytes,
+                d.prealloc,
             )
             if dev.is_virtio_mem:
                 bs = d.block_size_bytes

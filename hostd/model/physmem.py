@@ -78,6 +78,17 @@ PAGE_STATE_OF_FLAG = {
     TS_LENT: PageState.TAG_LENT,
     TS_RESERVED: PageState.TAG_RESERVED,
 }
+# Where an owner's untagged pages may live, in the order they are tried (see alloc_untagged).
+POOL_ANY = 0  # untaggable, taggable, then lent tag storage: a non-MTE guest
+POOL_MTE_CAPABLE = 1  # taggable, then lent tag storage: an MTE guest tagged at fault
+POOL_TAGGABLE_FIRST = 2  # taggable, untaggable, lent tag storage: ON_TAG_ACCESS (NoTagAccess)
+POOL_NOT_CMA = 3  # untaggable, then taggable, never tag storage: long-term pinned memory
+_POOL_KINDS = {
+    POOL_ANY: (KIND_UNTAGGABLE, KIND_TAGGABLE, KIND_TAG_STORAGE),
+    POOL_MTE_CAPABLE: (KIND_TAGGABLE, KIND_TAG_STORAGE),
+    POOL_TAGGABLE_FIRST: (KIND_TAGGABLE, KIND_UNTAGGABLE, KIND_TAG_STORAGE),
+    POOL_NOT_CMA: (KIND_UNTAGGABLE, KIND_TAGGABLE),
+}
 # Reserving a tag block is retried this many times with other pages (v2/v3: 3 tries).
 RESERVE_TRIES = 3
 # Smallest window a free-page scan looks at; scans grow geometrically from a hint.
@@ -201,8 +212,10 @@ class PhysicalMemory:
         self._emit = emit
         # Called with (owner slot, gfn offsets, new page indices) when guest pages move.
         self.on_remap: Callable[[int, IndexArray, IndexArray], None] = lambda *_: None
-        # Owner slots whose pages must stay on MTE-capable RAM (MTE guests).
-        self.mte_owner = np.zeros(1 << 16, dtype=bool)
+        # Per owner slot: where its untagged pages may live (POOL_*), and whether its memory is
+        # long-term pinned (never migrated, so never evacuated).
+        self.owner_pool = np.zeros(1 << 16, dtype=np.uint8)
+        self.pinned_owner = np.zeros(1 << 16, dtype=bool)
 
         ps = self.page_size
         spans: list[tuple[int, int, int, int, int]] = []  # base, size, kind, region, sub-index
@@ -494,27 +507,31 @@ class PhysicalMemory:
 
     # ----------------------------------------------------------------- untagged allocation
 
+    def untagged_capacity(self, pool: int) -> int:
+        """Free pages an owner of ``pool`` could get for untagged data."""
+        return sum(int(self.seg_counts[s.index, s.free_flag]) for s in self._pool_segments(pool))
+
+    def _pool_segments(self, pool: int) -> list[Segment]:
+        kinds = _POOL_KINDS[pool]
+        if self.static:
+            kinds = tuple(k for k in kinds if k != KIND_TAG_STORAGE)
+        return [s for k in kinds for s in self.segments if s.kind == k]
+
     def alloc_untagged(
         self,
         n: int,
         owner: int | npt.NDArray[np.uint16],
         gfn_offs: IndexArray,
         *,
-        mte_capable_only: bool,
+        pool: int,
     ) -> IndexArray:
-        """Allocate ``n`` pages of movable untagged data.
-
-        Order: untaggable ranges (unless the owner is an MTE guest, whose memory must be
-        MTE-capable), then taggable ranges, then free tag storage, which is thereby *lent*
-        (dynamic mode only). Raises ResourceExhaustedError("memory") with nothing changed.
+        """Allocate ``n`` pages of movable untagged data from the ranges ``pool`` allows, in
+        its order (``POOL_*``). Free tag storage taken here is thereby *lent* (dynamic mode
+        only). Raises ResourceExhaustedError("memory") with nothing changed.
         """
         if n == 0:
             return np.empty(0, np.int64)
-        pools = [s for s in self.segments if s.kind == KIND_TAGGABLE]
-        if not mte_capable_only:
-            pools = [s for s in self.segments if s.kind == KIND_UNTAGGABLE] + pools
-        if not self.static:
-            pools += [s for s in self.segments if s.kind == KIND_TAG_STORAGE]
+        pools = self._pool_segments(pool)
         available = sum(int(self.seg_counts[s.index, s.free_flag]) for s in pools)
         require_pages(RESOURCE_MEMORY, "free pages for untagged data", n, available)
         picked: list[IndexArray] = []
@@ -528,6 +545,151 @@ class PhysicalMemory:
         idx = np.concatenate(picked)
         self._claim(idx, USE_DATA, owner, gfn_offs)
         return idx
+
+    # ----------------------------------------------------------------- huge folios
+
+    def _free_folios(
+        self,
+        seg: Segment,
+        nr: int,
+        folio_pages: int,
+        skip: IndexArray | None,
+        keep: Callable[[IndexArray], npt.NDArray[np.bool_]] | None = None,
+    ) -> IndexArray:
+        """First indices of up to ``nr`` wholly free folios of ``seg``: ``folio_pages``
+        physically contiguous pages aligned to ``folio_pages`` in pfn space, scanned from the
+        segment's free hint in growing windows (vectorised per window)."""
+        fp = folio_pages
+        # First folio boundary at or above the hint, in dense indices (pfn-aligned).
+        lead = (-seg.base_pfn) % fp
+        first = seg.start + lead + -(-max(seg.hint - lead, 0) // fp) * fp
+        found: list[IndexArray] = []
+        got = 0
+        pos = first
+        window = max(SCAN_WINDOW_MIN, 4 * nr * fp) // fp * fp
+        while got < nr and pos + fp <= seg.end:
+            hi = min(seg.end, pos + window)
+            k = (hi - pos) // fp
+            if k == 0:
+                break
+            free = (self.flags[pos : pos + k * fp] == seg.free_flag).reshape(k, fp).all(axis=1)
+            starts = np.flatnonzero(free).astype(np.int64) * fp + pos
+            if skip is not None and skip.size and starts.size:
+                starts = starts[~np.isin(starts, skip)]
+            if keep is not None and starts.size:
+                starts = starts[keep(starts)]
+            take = starts[: nr - got]
+            found.append(take)
+            got += take.size
+            pos += k * fp
+            window *= 2
+        return np.concatenate(found) if found else np.empty(0, np.int64)
+
+    def _unlent_folio_test(
+        self, seg: Segment, folio_pages: int
+    ) -> Callable[[IndexArray], npt.NDArray[np.bool_]]:
+        """A filter of folio starts (in taggable segment ``seg``) whose tag blocks hold no lent
+        data."""
+        reg = self.regions[seg.region]
+        nb = max(folio_pages // reg.span_pages, 1)
+
+        def unlent(starts: IndexArray) -> npt.NDArray[np.bool_]:
+            first = (starts - reg.data.start) // reg.span_pages
+            blocks = first[:, None] + np.arange(nb)
+            return ~(reg.lent[np.minimum(blocks, reg.nr_blocks - 1)] > 0).any(axis=1)
+
+        return unlent
+
+    def alloc_folios(
+        self,
+        nr_folios: int,
+        folio_pages: int,
+        owner: int,
+        gfn_offs: IndexArray,
+        *,
+        tagged: bool,
+        pool: int,
+    ) -> tuple[IndexArray, int]:
+        """Allocate ``nr_folios`` huge folios (physically contiguous, aligned runs of
+        ``folio_pages`` pages) for guest offsets ``gfn_offs`` (folio after folio), tagged or
+        untagged (from ``pool``'s ranges). A tagged folio's tag storage is a contiguous run of
+        blocks, reserved as a whole (the series reserves by ``folio_order``); a folio whose
+        blocks cannot be reserved is given up for another (RESERVE_TRIES).
+
+        Returns ``(pages, tag blocks reserved)``; raises ResourceExhaustedError, with no page
+        left allocated, when fragmentation (or a lack of memory or tag storage) leaves too few
+        folios: THP then falls back to small pages, hugetlb fails.
+        """
+        fp = folio_pages
+        empty = np.empty(0, np.int64)
+        if nr_folios == 0:
+            return empty, 0
+        if tagged:
+            segments = [r.data for r in self.regions]
+            resource = RESOURCE_TAG_STORAGE
+        else:
+            segments = self._pool_segments(pool)
+            resource = RESOURCE_MEMORY
+        got: list[IndexArray] = []
+        nr_got = 0
+        reserved = 0
+        skip = empty
+        for _ in range(RESERVE_TRIES if tagged else 1):
+            starts: list[IndexArray] = []
+            need = nr_folios - nr_got
+            passes: list[bool] = [False]
+            if tagged and self.placement is Placement.TAG_BLOCK_AWARE:
+                # Folios whose tag blocks hold no lent data first: reserving them needs no
+                # evacuation (the fast path); the others only when those run out.
+                passes = [True, False]
+            for unlent_only in passes:
+                for seg in segments:
+                    if need <= 0:
+                        break
+                    keep = self._unlent_folio_test(seg, fp) if unlent_only else None
+                    taken = np.concatenate([skip, *starts]) if starts else skip
+                    take = self._free_folios(seg, need, fp, taken, keep)
+                    starts.append(take)
+                    need -= take.size
+            if need > 0:
+                break
+            first = np.concatenate(starts)
+            cand = (first[:, None] + np.arange(fp)).ravel()
+            if not tagged:
+                self._claim(cand, USE_DATA, owner, gfn_offs[nr_got * fp : nr_got * fp + cand.size])
+                got.append(cand)
+                nr_got = nr_folios
+                break
+            pending = self._claim(cand, USE_TAGGED, owner, None)
+            bad = np.zeros(cand.size, dtype=bool)
+            for reg, blocks in pending:
+                ok = self._reserve_blocks(reg, blocks)
+                reserved += int(ok.sum())
+                failed = blocks[~ok]
+                if failed.size:
+                    in_reg = (cand >= reg.data.start) & (cand < reg.data.end)
+                    bad |= in_reg & np.isin(reg.block_of_data(cand), failed)
+            bad_folio = bad.reshape(-1, fp).any(axis=1)
+            if bad_folio.any():
+                drop = (first[bad_folio][:, None] + np.arange(fp)).ravel()
+                self.owner[drop] = NO_OWNER
+                self._set_flags(drop, TG_FREE)
+                skip = np.union1d(skip, first[bad_folio])
+            good = (first[~bad_folio][:, None] + np.arange(fp)).ravel()
+            got.append(good)
+            nr_got += int((~bad_folio).sum())
+            if nr_got == nr_folios:
+                break
+        pages = np.concatenate(got) if got else empty
+        if nr_got < nr_folios:
+            self.free(pages)
+            raise ResourceExhaustedError(
+                resource,
+                f"no {nr_folios} free aligned folio(s) of {fp} pages",
+                nr_folios=nr_folios,
+                folio_pages=fp,
+            )
+        return pages, reserved
 
     # ----------------------------------------------------------------- tagged allocation
 
@@ -781,12 +943,15 @@ class PhysicalMemory:
         if lent_mask.any():
             lent_owner = np.where(lent_mask, self.owner[tag_idx], 0)
             need_any = lent_mask.sum(axis=1)
-            need_mte = (lent_mask & self.mte_owner[lent_owner]).sum(axis=1)
+            need_mte = (lent_mask & (self.owner_pool[lent_owner] == POOL_MTE_CAPABLE)).sum(axis=1)
             cap_mte = self.free_pages(TG_FREE) + self.free_pages(TS_FREE)
             cap_any = cap_mte + self.free_pages(UT_FREE)
             # Only blocks with lent data draw on the room to evacuate into; a block that needs
             # no evacuation is reserved whatever happens to the others.
             ok = (np.cumsum(need_any) <= cap_any) & (np.cumsum(need_mte) <= cap_mte)
+            # A pinned page cannot be migrated: alloc_contig_range() fails with -EBUSY, and the
+            # caller tries other blocks (RESERVE_TRIES).
+            ok &= ~(lent_mask & self.pinned_owner[lent_owner]).any(axis=1)
             ok |= need_any == 0
             src = tag_idx[ok][lent_mask[ok]]
             evacuated = int(src.size)
@@ -826,13 +991,11 @@ class PhysicalMemory:
         """Move the lent data in tag storage pages ``src`` elsewhere; ``src`` become reserved."""
         owners = self.owner[src]
         gfns = self.ts_gfn[self._ts_slot(src)].astype(np.int64)
-        is_mte = self.mte_owner[owners]
+        pools = self.owner_pool[owners]
         dst = np.empty_like(src)
-        for mask, mte_only in ((is_mte, True), (~is_mte, False)):
-            if mask.any():
-                dst[mask] = self.alloc_untagged(
-                    int(mask.sum()), owners[mask], gfns[mask], mte_capable_only=mte_only
-                )
+        for pool in np.unique(pools).tolist():
+            mask = pools == pool
+            dst[mask] = self.alloc_untagged(int(mask.sum()), owners[mask], gfns[mask], pool=pool)
         # Tags go before the source is given up (a no-op for untagged data, kept for order).
         self.tags.move(src, dst)
         for slot in np.unique(owners):
@@ -852,11 +1015,6 @@ class PhysicalMemory:
         reg.nr_reserved -= blocks.size
         c = self.counters
         c.add(c.tag_blocks_released, reg.name, blocks.size)
-        c.add(
-            c.cache_maintenance_bytes,
-            TAG_CACHE_INVALIDATE,
-            blocks.size * reg.span_pages * self.page_size,
-        )
         self._emit(Event(EVENT_TAG_BLOCKS_RELEASED, region=reg.name, count=int(blocks.size)))
 
     # ----------------------------------------------------------------- conversions of use
@@ -882,12 +1040,21 @@ class PhysicalMemory:
         return idx[bad], reserved
 
     def free(self, idx: IndexArray) -> None:
-        """Free pages: their tags are discarded and tag blocks they held are released."""
+        """Free pages: their tags are discarded and tag blocks they held are released.
+
+        The tag cache is invalidated over every freed tagged page, whether or not its block is
+        released with it (the series' ``PAGE_SIZE << order`` per freed tagged folio).
+        """
         if idx.size == 0:
             return
         self.tags.discard(idx)
         self.owner[idx] = NO_OWNER
+        tagged_before = int(self.seg_counts[:, TG_TAGGED].sum())
         self._set_flags(idx, use=USE_FREE)
+        nr_tagged = tagged_before - int(self.seg_counts[:, TG_TAGGED].sum())
+        self.counters.add(
+            self.counters.cache_maintenance_bytes, TAG_CACHE_INVALIDATE, nr_tagged * self.page_size
+        )
 
     # ----------------------------------------------------------------- views
 

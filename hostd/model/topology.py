@@ -1,4 +1,5 @@
-"""Host topology: page size, tag regions and untaggable ranges, validated as DOMAIN.md §2.
+"""Host topology: page size, tag regions and untaggable ranges, validated as docs/domain.md
+("Geometry") says.
 
 A topology is read from TOML::
 
@@ -35,6 +36,9 @@ from hostd.model.errors import ConfigError
 from hostd.model.types import TAG_STORAGE_RATIO, GiB, KiB, MiB, TagStorageMode
 
 PAGE_SIZES_BYTES = (4 * KiB, 16 * KiB, 64 * KiB)
+# Each tag region becomes a CMA area (cma_init_reserved_mem()), which refuses a base or size
+# that is not a multiple of the pageblock: 2^pageblock_order pages, the PMD size on arm64.
+PAGEBLOCK_BYTES = {4 * KiB: 2 * MiB, 16 * KiB: 32 * MiB, 64 * KiB: 512 * MiB}
 MAX_TAG_REGIONS = 32  # v3's MAX_TAG_REGIONS
 DEFAULT_BLOCK_SIZE_BYTES = 0x2000  # the DT example: 256 KiB of data over 8 KiB of tags
 DEFAULT_MEMORY_BYTES = 64 * GiB
@@ -92,7 +96,8 @@ class TagRegionConfig:
     block_size_bytes: int
 
     def block_pages(self, page_size_bytes: int) -> int:
-        """Pages per tag block: ``lcm(PAGE_SIZE, block_size) / PAGE_SIZE`` (DOMAIN.md §2)."""
+        """Pages per tag block: ``lcm(PAGE_SIZE, block_size) / PAGE_SIZE`` (docs/domain.md,
+        "Geometry")."""
         return math.lcm(page_size_bytes, self.block_size_bytes) // page_size_bytes
 
 
@@ -225,6 +230,12 @@ def _check_region(region: TagRegionConfig, page_size: int, where: str) -> None:
     _check_aligned(f"{where}.memory_base", region.memory_base, page_size, "the page size")
     _check_aligned(f"{where}.tag_base", region.tag_base, block_bytes, "the tag block size")
     _check_aligned(f"{where}.tag_size", region.tag_size_bytes, block_bytes, "the tag block size")
+    # The kernel hands each tag region to cma_init_reserved_mem(), which refuses one that is not
+    # pageblock-aligned; a refused region disables tag storage management for the host.
+    pageblock = PAGEBLOCK_BYTES[page_size]
+    what = "the pageblock size, as a CMA area must be"
+    _check_aligned(f"{where}.tag_base", region.tag_base, pageblock, what)
+    _check_aligned(f"{where}.tag_size", region.tag_size_bytes, pageblock, what)
     if region.tag_size_bytes * TAG_STORAGE_RATIO != region.memory_size_bytes:
         raise ConfigError(
             f"{where}.tag_size",
@@ -268,17 +279,24 @@ def default_topology(
     """The built-in host: ``memory_bytes`` of RAM from 0x8000_0000, laid out as two tagged
     ranges each followed by its tag storage, then an untaggable range (about 1/8 of RAM).
 
-    The default (64 GiB) gives 2 x 27.1 GiB tagged + 2 x 868 MiB tag storage + 8.1 GiB untaggable.
+    Tag storage sizes are whole pageblocks (a CMA area must be pageblock-aligned), so every
+    base is aligned too. The default (64 GiB, 4K pages) gives 2 x 27.1 GiB tagged + 2 x 868 MiB
+    tag storage + 8.1 GiB untaggable.
     """
     _page_size(page_size_bytes)
     if memory_bytes <= 0 or memory_bytes % page_size_bytes:
         raise ConfigError("memory", memory_bytes, "must be a positive multiple of the page size")
     block = DEFAULT_BLOCK_SIZE_BYTES
-    block_bytes = math.lcm(page_size_bytes, block)
+    block_bytes = math.lcm(page_size_bytes, block, PAGEBLOCK_BYTES[page_size_bytes])
     # Each tagged range with its tag storage gets 7/16 of RAM; sizes are whole tag blocks.
     tag_size = (memory_bytes * 7 // 16 // (TAG_STORAGE_RATIO + 1)) // block_bytes * block_bytes
     if tag_size == 0:
-        raise ConfigError("memory", memory_bytes, "too small for two tag regions")
+        raise ConfigError(
+            "memory",
+            memory_bytes,
+            f"too small for two tag regions with a whole pageblock ({block_bytes:#x} bytes) "
+            "of tag storage each",
+        )
     data_size = tag_size * TAG_STORAGE_RATIO
     regions = []
     base = DEFAULT_DRAM_BASE

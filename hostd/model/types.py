@@ -31,11 +31,44 @@ TAG_STORAGE_RATIO = 32
 
 
 class TagPolicy(enum.Enum):
-    """When the host provides tag storage for an MTE guest's memory (DOMAIN.md §4)."""
+    """When the host provides tag storage for an MTE guest's memory (docs/domain.md, "KVM and
+    guests")."""
 
+    # On the stage-2 fault that maps a page (the series' v3 32/35; also what its VM_MTE_KVM
+    # flag amounts to: memory tagged when first allocated, nothing reserved up front).
     ON_FAULT = "ON_FAULT"
+    # Preallocation: QEMU prealloc=on for an MTE guest. All memory is backed, tagged and its tag
+    # storage reserved when the memslot or plugged block appears, so no later fault can fail.
     EAGER = "EAGER"
+    # Mapped NoTagAccess (FEAT_MTE_PERM); tag storage only on the guest's first tag access.
     ON_TAG_ACCESS = "ON_TAG_ACCESS"
+
+
+# Transparent huge pages are PMD-sized (QEMU backs guest RAM with them by default; its
+# virtio-mem default block size is the THP size for that reason).
+THP_BYTES = {4 * KiB: 2 * MiB, 16 * KiB: 32 * MiB, 64 * KiB: 512 * MiB}
+# Gigantic hugetlbfs pages of arm64: PUD on 4K, contiguous PMDs on 16K and 64K
+# (arch/arm64/mm/hugetlbpage.c).
+HUGETLB_BYTES = {4 * KiB: GiB, 16 * KiB: GiB, 64 * KiB: 16 * GiB}
+
+
+class BackingKind(enum.Enum):
+    """What backs a VM's RAM on the host."""
+
+    SMALL = "SMALL"  # host pages
+    THP = "THP"  # transparent huge pages: a huge fault falls back to small pages
+    HUGETLB = "HUGETLB"  # hugetlbfs: no fallback, a fault without a free huge page fails
+
+
+def backing_kind(page_size_bytes: int, backing_page_size_bytes: int) -> BackingKind | None:
+    """The kind of backing a size names on a host with ``page_size_bytes`` pages (None: none)."""
+    if backing_page_size_bytes in (0, page_size_bytes):
+        return BackingKind.SMALL
+    if backing_page_size_bytes == THP_BYTES.get(page_size_bytes):
+        return BackingKind.THP
+    if backing_page_size_bytes == HUGETLB_BYTES.get(page_size_bytes):
+        return BackingKind.HUGETLB
+    return None
 
 
 class Access(enum.Enum):
@@ -127,6 +160,13 @@ class VmConfig:
     dimm_slots: int = 0
     # Boot RAM plus every DIMM and virtio-mem region; 0 means "boot RAM only".
     max_memory_bytes: int = 0
+    # A passthrough (VFIO) device long-term-pins all guest memory: it is backed when it appears,
+    # never placed in lent tag storage, never migrated, and cannot be discarded.
+    pinned: bool = False
+    # Size of the host pages backing guest RAM: 0 or the host page size (small pages), the PMD
+    # size for transparent huge pages (2 MiB / 32 MiB / 512 MiB on 4K / 16K / 64K hosts), or a
+    # gigantic hugetlbfs size (1 GiB / 1 GiB / 16 GiB). See ``backing_kind``.
+    backing_page_size_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,6 +176,10 @@ class VirtioMemConfig:
     region_size_bytes: int
     block_size_bytes: int
     requested_size_bytes: int = 0
+    # QEMU's ``prealloc`` device property: a PLUG backs its blocks (and, for an MTE guest whose
+    # policy provides tags at fault, reserves their tag storage) before it is ACKed, and is
+    # answered BUSY when the host cannot. Without it a PLUG is a promise of address space only.
+    prealloc: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +190,15 @@ class FaultResult:
     tag_blocks_reserved: int = 0
     pages_migrated: int = 0
     replays: int = 0
+
+
+@dataclass(frozen=True)
+class DiscardResult:
+    """What discarding a guest range (free page reporting, balloon inflation) gave back."""
+
+    discarded_bytes: int = 0  # guest memory that was backed and no longer is
+    tagged_bytes: int = 0  # of which tagged: its tags are gone
+    tag_blocks_released: int = 0  # tag blocks released with their last tagged page
 
 
 @dataclass(frozen=True)
@@ -172,6 +225,7 @@ class MemoryDeviceStatus:
     block_size_bytes: int = 0
     requested_size_bytes: int = 0
     usable_region_size_bytes: int = 0
+    prealloc: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,6 +240,12 @@ class VmStatus:
     tagged_bytes: int
     # Boot RAM first, then devices in address order.
     regions: tuple[MemoryDeviceStatus, ...]
+    pinned: bool = False
+    # Guest memory the VMM discarded so far (free page reporting, balloon).
+    discarded_bytes: int = 0
+    backing_page_size_bytes: int = 0
+    # Guest memory backed by whole huge folios right now.
+    huge_page_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -325,6 +385,8 @@ class HostCounters:
     dimm_operations: dict[str, int] = field(default_factory=dict)  # "plug" / "unplug"
     cache_maintenance_bytes: dict[str, int] = field(default_factory=dict)  # kind
     tags_copied_bytes: dict[str, int] = field(default_factory=dict)  # direction
+    discarded_bytes: dict[str, int] = field(default_factory=dict)  # "tagged" / "untagged"
+    huge_folios: dict[str, int] = field(default_factory=dict)  # "mapped" / "fallback" (THP)
     fault_seconds: dict[str, LatencyHistogram] = field(
         default_factory=lambda: {a.value: LatencyHistogram() for a in Access}
     )
@@ -369,9 +431,9 @@ class HostCounters:
             table[key] = table.get(key, 0) + int(n)
 
 
-# Cache maintenance kinds (DOMAIN.md §1).
+# Cache maintenance kinds (docs/domain.md, "MTE and tag storage").
 DCACHE_INVALIDATE = "dcache_invalidate"  # over the tag block, when it is reserved
-TAG_CACHE_INVALIDATE = "tag_cache_invalidate"  # over the data pages, when tags are released
+TAG_CACHE_INVALIDATE = "tag_cache_invalidate"  # over every tagged page that is freed
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class MemoryDevice:
     block_size_bytes: int = 0
     requested_size_bytes: int = 0
     usable_region_size_bytes: int = 0
+    prealloc: bool = False
     plugged: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
@@ -124,6 +125,14 @@ class Vm:
     stage2: npt.NDArray[np.uint32]
     mapped_pages: int = 0
     tagged_pages: int = 0
+    # Pages the VMM has discarded so far (free page reporting, balloon): persisted, since an
+    # EAGER VM that gave memory back no longer has all of its plugged memory backed.
+    discarded_pages: int = 0
+    # Host pages per backing folio (1: small pages), and per folio of the stage-2 map (folio i
+    # covers offsets [i * folio_pages, (i + 1) * folio_pages)) whether one huge host folio backs
+    # it whole. Split (cleared) when any of its pages is unmapped or moved.
+    folio_pages: int = 1
+    huge: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @classmethod
     def create(cls, slot: int, config: VmConfig, page_size: int) -> Vm:
@@ -131,9 +140,23 @@ class Vm:
             BOOT_RAM_DEVICE_ID, MemoryDeviceKind.BOOT_RAM, BOOT_RAM_GPA, config.boot_memory_bytes
         )
         span = cls.device_area(config)[1] - BOOT_RAM_GPA
-        return cls(
-            slot, config, page_size, {boot.device_id: boot}, np.zeros(span // page_size, np.uint32)
-        )
+        nr = span // page_size
+        fp = max(config.backing_page_size_bytes, page_size) // page_size
+        vm = cls(slot, config, page_size, {boot.device_id: boot}, np.zeros(nr, np.uint32))
+        if fp > 1:
+            vm.folio_pages = fp
+            vm.huge = np.zeros(-(-nr // fp), dtype=bool)
+        return vm
+
+    @property
+    def huge_pages(self) -> int:
+        """Guest pages backed by whole huge folios."""
+        return int(np.count_nonzero(self.huge)) * self.folio_pages
+
+    def split_folios(self, offs: npt.NDArray[np.int64]) -> None:
+        """Forget that the folios holding stage-2 offsets ``offs`` are huge (THP split)."""
+        if self.folio_pages > 1 and offs.size:
+            self.huge[offs // self.folio_pages] = False
 
     @staticmethod
     def device_area(config: VmConfig) -> tuple[int, int]:
@@ -162,17 +185,18 @@ class Vm:
     def nr_dimms(self) -> int:
         return sum(d.kind is MemoryDeviceKind.DIMM for d in self.devices.values())
 
-    def place_device(self, size_bytes: int, align_bytes: int) -> int | None:
-        """First-fit guest address for a new device in the device area, or None."""
+    def place_device(self, size_bytes: int, align_bytes: int, origin: int = 0) -> int | None:
+        """First-fit guest address for a new device in the device area, or None; aligned to
+        ``align_bytes`` counted from ``origin``."""
         start, end = self.device_area(self.config)
         taken = sorted(
             (d.gpa, d.end) for d in self.devices.values() if d.kind is not MemoryDeviceKind.BOOT_RAM
         )
-        pos = align_up(start, align_bytes)
+        pos = origin + align_up(start - origin, align_bytes)
         for lo, hi in taken:
             if pos + size_bytes <= lo:
                 break
-            pos = max(pos, align_up(hi, align_bytes))
+            pos = max(pos, origin + align_up(hi - origin, align_bytes))
         return pos if pos + size_bytes <= end else None
 
     def device_at(self, gpa: int) -> MemoryDevice | None:
@@ -224,4 +248,5 @@ class Vm:
             block_size_bytes=d.block_size_bytes,
             requested_size_bytes=d.requested_size_bytes,
             usable_region_size_bytes=d.usable_region_size_bytes,
+            prealloc=d.prealloc,
         )

@@ -224,13 +224,15 @@ class Region(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_base: _Optional[int] = ..., memory_size: _Optional[int] = ..., tag_base: _Optional[int] = ..., tag_size: _Optional[int] = ..., block_size: _Optional[int] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., data_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., tag_storage_bytes: _Optional[int] = ..., tag_reserved_bytes: _Optional[int] = ..., tag_lent_bytes: _Optional[int] = ..., tag_blocks_total: _Optional[int] = ..., tag_blocks_reserved: _Optional[int] = ..., tag_blocks_min_needed: _Optional[int] = ..., tagged_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateVmRequest(_message.Message):
-    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "request_id")
+    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "pinned", "backing_page_size", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     MTE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TAG_POLICY_FIELD_NUMBER: _ClassVar[int]
     BOOT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIMM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    BACKING_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     mte_enabled: bool
@@ -238,8 +240,10 @@ class CreateVmRequest(_message.Message):
     boot_memory_bytes: int
     dimm_slots: int
     max_memory_bytes: int
+    pinned: bool
+    backing_page_size: int
     request_id: str
-    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., backing_page_size: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetVmRequest(_message.Message):
     __slots__ = ("vm_id",)
@@ -272,7 +276,7 @@ class DestroyVmResponse(_message.Message):
     def __init__(self, vm: _Optional[_Union[Vm, _Mapping]] = ...) -> None: ...
 
 class Vm(_message.Message):
-    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "mapped_bytes", "tagged_bytes", "regions", "vm_token")
+    __slots__ = ("vm_id", "mte_enabled", "tag_policy", "boot_memory_bytes", "dimm_slots", "max_memory_bytes", "mapped_bytes", "tagged_bytes", "regions", "pinned", "discarded_bytes", "backing_page_size", "huge_page_bytes", "vm_token")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     MTE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TAG_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +286,10 @@ class Vm(_message.Message):
     MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TAGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKING_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HUGE_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     VM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     mte_enabled: bool
@@ -292,8 +300,12 @@ class Vm(_message.Message):
     mapped_bytes: int
     tagged_bytes: int
     regions: _containers.RepeatedCompositeFieldContainer[MemoryDevice]
+    pinned: bool
+    discarded_bytes: int
+    backing_page_size: int
+    huge_page_bytes: int
     vm_token: str
-    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryDevice, _Mapping]]] = ..., vm_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, vm_id: _Optional[str] = ..., mte_enabled: _Optional[bool] = ..., tag_policy: _Optional[_Union[TagPolicy, str]] = ..., boot_memory_bytes: _Optional[int] = ..., dimm_slots: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryDevice, _Mapping]]] = ..., pinned: _Optional[bool] = ..., discarded_bytes: _Optional[int] = ..., backing_page_size: _Optional[int] = ..., huge_page_bytes: _Optional[int] = ..., vm_token: _Optional[str] = ...) -> None: ...
 
 class MemoryDevice(_message.Message):
     __slots__ = ("device_id", "kind", "gpa", "size", "plugged_size", "mapped_bytes", "tagged_bytes", "dimm", "virtio_mem")
@@ -326,20 +338,22 @@ class DimmDevice(_message.Message):
     def __init__(self, addr: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class VirtioMemDevice(_message.Message):
-    __slots__ = ("addr", "region_size", "usable_region_size", "block_size", "plugged_size", "requested_size")
+    __slots__ = ("addr", "region_size", "usable_region_size", "block_size", "plugged_size", "requested_size", "prealloc")
     ADDR_FIELD_NUMBER: _ClassVar[int]
     REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     USABLE_REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PLUGGED_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREALLOC_FIELD_NUMBER: _ClassVar[int]
     addr: int
     region_size: int
     usable_region_size: int
     block_size: int
     plugged_size: int
     requested_size: int
-    def __init__(self, addr: _Optional[int] = ..., region_size: _Optional[int] = ..., usable_region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., plugged_size: _Optional[int] = ..., requested_size: _Optional[int] = ...) -> None: ...
+    prealloc: bool
+    def __init__(self, addr: _Optional[int] = ..., region_size: _Optional[int] = ..., usable_region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., plugged_size: _Optional[int] = ..., requested_size: _Optional[int] = ..., prealloc: _Optional[bool] = ...) -> None: ...
 
 class GuestFaultRequest(_message.Message):
     __slots__ = ("vm_id", "gpa", "length", "access", "request_id")
@@ -388,14 +402,16 @@ class DimmConfig(_message.Message):
     def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
 
 class VirtioMemConfig(_message.Message):
-    __slots__ = ("region_size", "block_size", "requested_size")
+    __slots__ = ("region_size", "block_size", "requested_size", "prealloc")
     REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREALLOC_FIELD_NUMBER: _ClassVar[int]
     region_size: int
     block_size: int
     requested_size: int
-    def __init__(self, region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_size: _Optional[int] = ...) -> None: ...
+    prealloc: bool
+    def __init__(self, region_size: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_size: _Optional[int] = ..., prealloc: _Optional[bool] = ...) -> None: ...
 
 class RemoveMemoryDeviceRequest(_message.Message):
     __slots__ = ("vm_id", "device_id", "request_id")
@@ -446,6 +462,28 @@ class VirtioMemRequestResponse(_message.Message):
     response: VirtioMemResponse
     state: VirtioMemBlockState
     def __init__(self, response: _Optional[_Union[VirtioMemResponse, str]] = ..., state: _Optional[_Union[VirtioMemBlockState, str]] = ...) -> None: ...
+
+class DiscardGuestMemoryRequest(_message.Message):
+    __slots__ = ("vm_id", "gpa", "length", "request_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    gpa: int
+    length: int
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DiscardGuestMemoryResponse(_message.Message):
+    __slots__ = ("discarded_bytes", "tagged_bytes", "tag_blocks_released")
+    DISCARDED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAG_BLOCKS_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    discarded_bytes: int
+    tagged_bytes: int
+    tag_blocks_released: int
+    def __init__(self, discarded_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., tag_blocks_released: _Optional[int] = ...) -> None: ...
 
 class CopyTagsRequest(_message.Message):
     __slots__ = ("vm_id", "gpa", "length", "direction", "tags", "request_id")
@@ -641,7 +679,7 @@ class MigrationManifest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., config: _Optional[_Union[CreateVmRequest, _Mapping]] = ..., page_size_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceManifest, _Mapping]]] = ..., mapped_bitmap: _Optional[bytes] = ..., tagged_bitmap: _Optional[bytes] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., plugged_bytes: _Optional[int] = ...) -> None: ...
 
 class DeviceManifest(_message.Message):
-    __slots__ = ("device_id", "kind", "gpa", "size_bytes", "block_size", "requested_size", "usable_region_size", "plugged_bitmap")
+    __slots__ = ("device_id", "kind", "gpa", "size_bytes", "block_size", "requested_size", "usable_region_size", "plugged_bitmap", "prealloc")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     GPA_FIELD_NUMBER: _ClassVar[int]
@@ -650,6 +688,7 @@ class DeviceManifest(_message.Message):
     REQUESTED_SIZE_FIELD_NUMBER: _ClassVar[int]
     USABLE_REGION_SIZE_FIELD_NUMBER: _ClassVar[int]
     PLUGGED_BITMAP_FIELD_NUMBER: _ClassVar[int]
+    PREALLOC_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     kind: MemoryDeviceKind
     gpa: int
@@ -658,7 +697,8 @@ class DeviceManifest(_message.Message):
     requested_size: int
     usable_region_size: int
     plugged_bitmap: bytes
-    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[_Union[MemoryDeviceKind, str]] = ..., gpa: _Optional[int] = ..., size_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_size: _Optional[int] = ..., usable_region_size: _Optional[int] = ..., plugged_bitmap: _Optional[bytes] = ...) -> None: ...
+    prealloc: bool
+    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[_Union[MemoryDeviceKind, str]] = ..., gpa: _Optional[int] = ..., size_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_size: _Optional[int] = ..., usable_region_size: _Optional[int] = ..., plugged_bitmap: _Optional[bytes] = ..., prealloc: _Optional[bool] = ...) -> None: ...
 
 class AdmitMigrationRequest(_message.Message):
     __slots__ = ("manifest", "lease_seconds", "request_id")

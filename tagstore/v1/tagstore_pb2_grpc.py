@@ -90,6 +90,11 @@ class TagStorageStub:
                 request_serializer=tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestRequest.SerializeToString,
                 response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestResponse.FromString,
                 _registered_method=True)
+        self.DiscardGuestMemory = channel.unary_unary(
+                '/tagstore.v1.TagStorage/DiscardGuestMemory',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.FromString,
+                _registered_method=True)
         self.CopyTags = channel.unary_unary(
                 '/tagstore.v1.TagStorage/CopyTags',
                 request_serializer=tagstore_dot_v1_dot_tagstore__pb2.CopyTagsRequest.SerializeToString,
@@ -242,7 +247,8 @@ class TagStorageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveMemoryDevice(self, request, context):
-        """Hot-removes a memory device. A virtio-mem device must have no plugged block left.
+        """Hot-removes a memory device. A virtio-mem device must have requested_size 0 and no plugged
+        block left (QEMU: "cannot get unplugged while 'requested-size' != '0'").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -250,7 +256,9 @@ class TagStorageServicer:
 
     def ResizeVirtioMem(self, request, context):
         """Changes a virtio-mem device's requested_size (the operator's `qom-set requested-size`); the
-        guest then plugs or unplugs blocks through VirtioMemRequest.
+        guest then plugs or unplugs blocks through VirtioMemRequest. On a prealloc device, a size the
+        host could not back now is refused (RESOURCE_EXHAUSTED, nothing changed): a VMM uses this as
+        its admission check before it sets QEMU's requested-size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -260,6 +268,15 @@ class TagStorageServicer:
         """One guest request on a virtio-mem device's request queue (PLUG, UNPLUG, UNPLUG_ALL, STATE).
         Protocol outcomes are answers (ACK/NACK/BUSY/ERROR); RPC errors mean no such VM or device
         (NOT_FOUND) or a device that is not virtio-mem (FAILED_PRECONDITION, NOT_VIRTIO_MEM).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscardGuestMemory(self, request, context):
+        """Discards a guest range the guest gave back (free page reporting, balloon inflation: the
+        VMM's MADV_DONTNEED): its host pages are freed with their tags, and a tag block with its last
+        tagged page. A later access maps fresh zeroed, untagged memory. Refused for a pinned VM.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -481,6 +498,11 @@ def add_TagStorageServicer_to_server(servicer, server):
                     servicer.VirtioMemRequest,
                     request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestRequest.FromString,
                     response_serializer=tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestResponse.SerializeToString,
+            ),
+            'DiscardGuestMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardGuestMemory,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.SerializeToString,
             ),
             'CopyTags': grpc.unary_unary_rpc_method_handler(
                     servicer.CopyTags,
@@ -866,6 +888,33 @@ class TagStorage:
             '/tagstore.v1.TagStorage/VirtioMemRequest',
             tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestRequest.SerializeToString,
             tagstore_dot_v1_dot_tagstore__pb2.VirtioMemRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardGuestMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/DiscardGuestMemory',
+            tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

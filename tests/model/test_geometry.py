@@ -1,5 +1,5 @@
-"""Tag geometry (DOMAIN.md §2): which tag block describes a data page, how many blocks a
-reservation takes, and the cache maintenance it costs."""
+"""Tag geometry (docs/domain.md, "Geometry"): which tag block describes a data page, how many
+blocks a reservation takes, and the cache maintenance it costs."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from hostd.model import (
     parse_topology,
 )
 from hostd.model.physmem import TG_TAGGED, TS_RESERVED
+from hostd.model.topology import PAGEBLOCK_BYTES
 
 from .conftest import PAGE, assert_sound, pages_of
 
@@ -33,14 +34,17 @@ BLOCK_SIZES = [k * 4 * KiB for k in range(1, 17)]
 
 
 def topology(page_size: int, block_size: int, nr_blocks: int = 6) -> HostTopology:
-    """One tag region of ``nr_blocks`` tag blocks, its tags above its data, plus a second
+    """One tag region of at least ``nr_blocks`` tag blocks (whole pageblocks of them), its tags
+    above its data, plus a second
     region below it so that the first region's dense indices do not start at 0."""
     block_bytes = math.lcm(page_size, block_size)
-    tag_size = block_bytes * nr_blocks
+    # Tag storage is a CMA area: whole pageblocks, pageblock-aligned.
+    align = math.lcm(block_bytes, PAGEBLOCK_BYTES[page_size])
+    tag_size = -(-block_bytes * nr_blocks // align) * align
     first_data = BASE
-    first_tag = -(-(first_data + 32 * tag_size) // block_bytes) * block_bytes
+    first_tag = -(-(first_data + 32 * tag_size) // align) * align
     second_data = -(-(first_tag + tag_size) // (4 * MiB)) * (4 * MiB)
-    second_tag = -(-(second_data + 32 * tag_size) // block_bytes) * block_bytes
+    second_tag = -(-(second_data + 32 * tag_size) // align) * align
     regions = [
         {
             "memory_base": b,
@@ -101,6 +105,19 @@ def fault_mte(host: Host, nr_pages: int) -> int:
     return result.tag_blocks_reserved
 
 
+def test_tag_cache_is_invalidated_per_freed_tagged_page_even_when_its_block_stays() -> None:
+    """Freeing one tagged page of a block that keeps other tagged pages invalidates the tag
+    cache over exactly that page (the series: PAGE_SIZE << order per freed tagged folio)."""
+    host = Host(default_topology(GiB))
+    fault_mte(host, 10)
+    host.discard_guest_memory("vm", BOOT_RAM_GPA, PAGE)
+    assert {"dcache_invalidate": 2 * PAGE, "tag_cache_invalidate": PAGE} == (
+        host.counters.cache_maintenance_bytes
+    )
+    assert 1 == host.status().tag_blocks_reserved
+    assert_sound(host)
+
+
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 @pytest.mark.parametrize("block_size", [4 * KiB, 8 * KiB, 32 * KiB, 64 * KiB])
 @pytest.mark.parametrize("span_multiple", [(0, 1), (1, -1), (1, 0), (1, 1), (3, 5)])
@@ -140,8 +157,9 @@ def test_reserved_block_pages_are_tag_reserved_in_the_export(host: Host) -> None
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 @pytest.mark.parametrize("block_size", [4 * KiB, 8 * KiB, 64 * KiB])
 def test_cache_maintenance_bytes_on_reserve_and_release(page_size: int, block_size: int) -> None:
-    """Reserving invalidates the dcache over the tag block (block_pages * page bytes); releasing
-    invalidates the tag cache over the data it describes (32 * block_pages * page bytes)."""
+    """Reserving invalidates the dcache over the tag block (block_pages * page bytes); freeing
+    tagged pages invalidates the tag cache over each of them (page bytes per page), as the
+    series does for every freed tagged folio, not over the span of a released block."""
     host = Host(topology(page_size, block_size))
     reg = host.mem.regions[0]
     n = 2 * reg.span_pages + 1
@@ -151,7 +169,7 @@ def test_cache_maintenance_bytes_on_reserve_and_release(page_size: int, block_si
     assert {"dcache_invalidate": blocks * reg.block_pages * page_size} == cm
     host.destroy_vm("vm")
     assert_sound(host)
-    assert blocks * 32 * reg.block_pages * page_size == cm["tag_cache_invalidate"]
+    assert n * page_size == cm["tag_cache_invalidate"]
     assert {"tag0": blocks} == host.counters.tag_blocks_released
     assert 0 == host.status().tag_blocks_reserved
 

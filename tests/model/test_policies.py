@@ -1,5 +1,5 @@
-"""Tag policies (DOMAIN.md §4): ON_FAULT, EAGER, ON_TAG_ACCESS, non-MTE VMs, fault argument
-rules, the static carve-out and tag-block-aware vs naive placement."""
+"""Tag policies (docs/domain.md, "KVM and guests"): ON_FAULT, EAGER, ON_TAG_ACCESS, non-MTE
+VMs, fault argument rules, the static carve-out and tag-block-aware vs naive placement."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 Besides ``check_invariants()``, the machine keeps its own record of every tag it wrote and
 reads them back: a tag must read back unchanged until its page is discarded (unplug, DIMM
-removal, VM destruction). Memory pressure from non-MTE guests makes tag storage lent, so MTE
-faults must evacuate it.
+removal, memory given back, VM destruction). Memory pressure from non-MTE guests makes tag
+storage lent, so MTE faults must evacuate it. VMs may be backed by transparent huge pages, be
+pinned (a VFIO device) and give memory back (free page reporting, balloon).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from hostd.model import (
 
 HOST_BYTES = 256 * MiB
 PAGE = 4096
+THP_BYTES = 2 * MiB
 TAGS_PER_PAGE = PAGE // 16
 
 
@@ -79,16 +81,60 @@ class HostLifecycle(RuleBasedStateMachine):
         boot_mib=st.sampled_from([2, 4, 8, 16]),
         extra_mib=st.sampled_from([0, 16, 64]),
         slots=st.integers(0, 2),
+        pinned=st.sampled_from([False, False, False, True]),
+        backing=st.sampled_from([0, 0, THP_BYTES]),
     )
-    def create_vm(self, mte: bool, policy: TagPolicy, boot_mib: int, extra_mib: int, slots: int):
+    def create_vm(
+        self,
+        mte: bool,
+        policy: TagPolicy,
+        boot_mib: int,
+        extra_mib: int,
+        slots: int,
+        pinned: bool,
+        backing: int,
+    ):
         vm_id = self._fresh_id("vm")
-        cfg = VmConfig(vm_id, mte, policy, boot_mib * MiB, slots, (boot_mib + extra_mib) * MiB)
+        cfg = VmConfig(
+            vm_id,
+            mte,
+            policy,
+            boot_mib * MiB,
+            slots,
+            (boot_mib + extra_mib) * MiB,
+            pinned=pinned,
+            backing_page_size_bytes=backing,
+        )
         try:
             self.host.create_vm(cfg)
-        except ResourceExhaustedError:
-            event("create refused: exhausted")
+        except TagStoreError as e:  # exhausted, or pinned with ON_TAG_ACCESS
+            event(f"create refused: {e.reason}")
             return None
+        event(f"create {'pinned ' if pinned else ''}{'THP' if backing else 'small'}")
         return vm_id
+
+    @rule(
+        vm=vms,
+        which=st.integers(0, 7),
+        page=st.integers(0, 4095),
+        nr_pages=st.integers(1, 600),
+    )
+    def discard(self, vm, which: int, page: int, nr_pages: int) -> None:
+        """The guest gives memory back (free page reporting, balloon); its tags are gone."""
+        if vm is None or vm not in self.host.vms:
+            return
+        region = self._regions(vm)[which % len(self._regions(vm))]
+        pages_in = region.size_bytes // PAGE
+        start = page % pages_in
+        nr = min(nr_pages, pages_in - start)
+        gpa = region.gpa + start * PAGE
+        try:
+            result = self.host.discard_guest_memory(vm, gpa, nr * PAGE)
+        except TagStoreError as e:
+            event(f"discard refused: {e.reason}")
+            return
+        event("discard released tag blocks" if result.tag_blocks_released else "discard")
+        self._forget_tags(vm, gpa, gpa + nr * PAGE)
 
     @rule(target=hogs, lend_fraction=st.sampled_from([0.25, 0.75, 1.0]))
     def memory_pressure(self, lend_fraction: float):

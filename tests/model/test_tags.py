@@ -70,12 +70,25 @@ def test_tags_written_read_back_unchanged(host: Host, mte_vm: str) -> None:
     )
 
 
-def test_copy_tags_faults_in_unmapped_pages_as_tagged(host: Host, mte_vm: str) -> None:
-    """copy_tags maps unmapped plugged pages first, as a tag access: they become tagged."""
-    assert bytes(3 * TAGS_PER_PAGE) == read(host, mte_vm, BOOT_RAM_GPA, 3)
+def test_copy_tags_to_guest_faults_in_unmapped_pages_as_tagged(host: Host, mte_vm: str) -> None:
+    """Writing tags maps unmapped plugged pages first, as a tag access: they become tagged."""
+    write(host, mte_vm, BOOT_RAM_GPA, pattern(3))
     vm = host.get_vm(mte_vm)
     assert (3 * PAGE, 3 * PAGE) == (vm.mapped_bytes, vm.tagged_bytes)
     assert 1 == host.status().tag_blocks_reserved
+
+
+def test_copy_tags_from_guest_reads_zeros_and_neither_maps_nor_tags(host: Host) -> None:
+    """KVM_ARM_MTE_COPY_TAGS from the guest over pages without tags returns zeros ("No tags in
+    memory, so write zeros", arch/arm64/kvm/guest.c) and neither maps nor tags them: a 32 MiB
+    tag dump of an ON_TAG_ACCESS guest, as migration pre-copy makes, changes nothing."""
+    host.create_vm(mte_config("ota", TagPolicy.ON_TAG_ACCESS))
+    host.guest_fault("ota", BOOT_RAM_GPA, 16 * PAGE, Access.WRITE)  # mapped, untagged
+    before = snapshot(host)
+    assert bytes(32 * MiB // 16) == host.copy_tags("ota", BOOT_RAM_GPA, 32 * MiB, FROM)
+    assert_unchanged(host, before)
+    assert (16 * PAGE, 0) == (host.get_vm("ota").mapped_bytes, host.get_vm("ota").tagged_bytes)
+    assert 0 == host.status().tag_blocks_reserved
 
 
 def test_copy_tags_tags_on_tag_access_pages_mapped_untagged(host: Host) -> None:

@@ -1,4 +1,5 @@
-"""Host topology: parsing, validation (DOMAIN.md §2), ``load_topology`` and ``default_topology``."""
+"""Host topology: parsing, validation (docs/domain.md, "Geometry"), ``load_topology`` and
+``default_topology``."""
 
 from __future__ import annotations
 
@@ -22,17 +23,19 @@ from hostd.model import (
     parse_topology,
     topology_to_doc,
 )
+from hostd.model.topology import PAGEBLOCK_BYTES
 
 BASE = 0x8000_0000
 
 
 def region(**kw: Any) -> dict[str, Any]:
-    """A valid tag region: 32 MiB of data at BASE, its 1 MiB of tags right after."""
+    """A valid tag region: 64 MiB of data at BASE, its 2 MiB of tags (one pageblock) right
+    after."""
     r: dict[str, Any] = {
         "memory_base": BASE,
-        "memory_size": "32MiB",
-        "tag_base": BASE + 32 * MiB,
-        "tag_size": "1MiB",
+        "memory_size": "64MiB",
+        "tag_base": BASE + 64 * MiB,
+        "tag_size": "2MiB",
         "block_size": 0x2000,
     }
     r.update(kw)
@@ -70,14 +73,14 @@ def test_valid_region_parses_to_its_config() -> None:
     assert False is topo.mte_perm
     assert TagStorageMode.DYNAMIC == topo.tag_storage_mode
     r = topo.tag_regions[0]
-    assert (BASE, 32 * MiB, BASE + 32 * MiB, MiB, 0x2000) == (
+    assert (BASE, 64 * MiB, BASE + 64 * MiB, 2 * MiB, 0x2000) == (
         r.memory_base,
         r.memory_size_bytes,
         r.tag_base,
         r.tag_size_bytes,
         r.block_size_bytes,
     )
-    assert 33 * MiB + 16 * MiB == topo.total_bytes
+    assert 66 * MiB + 16 * MiB == topo.total_bytes
 
 
 def test_block_size_defaults_to_8k() -> None:
@@ -155,27 +158,27 @@ def test_bad_size_string_in_document_names_its_field() -> None:
 
 def test_tag_size_must_be_exactly_one_32nd() -> None:
     """A tag region whose tag size is not exactly 1/32 of its memory is refused."""
-    err = config_error(doc(region(tag_size="2MiB")))
-    assert_names(err, "tag_region[0].tag_size", 2 * MiB)
+    err = config_error(doc(region(tag_size="4MiB")))
+    assert_names(err, "tag_region[0].tag_size", 4 * MiB)
 
 
 def test_tag_size_slightly_too_large_is_refused() -> None:
     """Off by one tag block is still not 1/32."""
-    err = config_error(doc(region(tag_size=MiB + 0x2000)))
-    assert_names(err, "tag_region[0].tag_size", MiB + 0x2000)
+    err = config_error(doc(region(tag_size=4 * MiB, memory_size=96 * MiB)))
+    assert_names(err, "tag_region[0].tag_size", 4 * MiB)
 
 
 @pytest.mark.parametrize("block_size", [0x2000, 0x4000, 0x10000])
 def test_tag_base_must_be_aligned_to_block_size(block_size: int) -> None:
     """The tag region's base is aligned to the tag block size."""
-    bad = BASE + 32 * MiB + block_size // 2
+    bad = BASE + 64 * MiB + block_size // 2
     err = config_error(doc(region(tag_base=bad, block_size=block_size)))
     assert_names(err, "tag_region[0].tag_base", bad)
 
 
 def test_tag_base_alignment_uses_lcm_with_page_size() -> None:
     """With 64K pages and 8K blocks a tag block is 64 KiB: tag_base must be 64K-aligned."""
-    bad = BASE + 32 * MiB + 0x2000
+    bad = BASE + 64 * MiB + 0x2000
     err = config_error(doc(region(tag_base=bad), page_size="64K"))
     assert_names(err, "tag_region[0].tag_base", bad)
 
@@ -189,8 +192,8 @@ def test_tag_region_overlapping_its_own_data_is_refused() -> None:
 
 def test_tag_region_starting_below_its_data_and_overlapping_is_refused() -> None:
     """Tags just below the data range, overlapping its start, are refused."""
-    err = config_error(doc(region(memory_base=BASE, tag_base=BASE - 512 * KiB)))
-    assert_names(err, "tag_region[0].memory_base", BASE)
+    err = config_error(doc(region(memory_base=BASE + MiB, tag_base=BASE)))
+    assert_names(err, "tag_region[0].memory_base", BASE + MiB)
 
 
 def test_overlapping_tag_regions_are_refused() -> None:
@@ -202,22 +205,22 @@ def test_overlapping_tag_regions_are_refused() -> None:
 
 def test_untagged_range_overlapping_a_tag_region_is_refused() -> None:
     """An untaggable range overlapping tag storage is refused."""
-    err = config_error(doc(untagged_range=[{"base": BASE + 32 * MiB, "size": "4MiB"}]))
-    assert_names(err, "untagged_range[0].base", BASE + 32 * MiB)
+    err = config_error(doc(untagged_range=[{"base": BASE + 64 * MiB, "size": "4MiB"}]))
+    assert_names(err, "untagged_range[0].base", BASE + 64 * MiB)
 
 
 def test_adjacent_ranges_do_not_overlap() -> None:
     """Ranges that touch end to start are fine."""
-    parse_topology(doc(untagged_range=[{"base": BASE + 33 * MiB, "size": "4MiB"}]))
+    parse_topology(doc(untagged_range=[{"base": BASE + 66 * MiB, "size": "4MiB"}]))
 
 
 def test_at_most_32_tag_regions() -> None:
     """33 tag regions are refused (MAX_TAG_REGIONS = 32), 32 are fine."""
 
     def regions(n: int) -> list[dict[str, Any]]:
-        step = 64 * MiB
+        step = 128 * MiB
         return [
-            region(memory_base=BASE + i * step, tag_base=BASE + i * step + 32 * MiB)
+            region(memory_base=BASE + i * step, tag_base=BASE + i * step + 64 * MiB)
             for i in range(n)
         ]
 
@@ -242,8 +245,9 @@ def test_page_size_is_4k_16k_or_64k(page_size: object) -> None:
 
 @pytest.mark.parametrize(("page_size", "expected"), [("4K", 4096), ("16K", 16384), (65536, 65536)])
 def test_page_sizes_accepted(page_size: object, expected: int) -> None:
-    """4K, 16K and 64K pages are accepted."""
-    r = region(tag_base=BASE + 64 * MiB)
+    """4K, 16K and 64K pages are accepted (with tag storage of one pageblock)."""
+    tag_size = {4096: 2 * MiB, 16384: 32 * MiB, 65536: 512 * MiB}[expected]
+    r = region(memory_size=32 * tag_size, tag_base=BASE + 32 * tag_size, tag_size=tag_size)
     assert expected == parse_topology(doc(r, page_size=page_size)).page_size_bytes
 
 
@@ -324,9 +328,9 @@ tag_storage = "static"
 
 [[tag_region]]
 memory_base = 0x8000_0000
-memory_size = "32MiB"
-tag_base = 0x8200_0000
-tag_size = "1MiB"
+memory_size = "1GiB"
+tag_base = 0xC000_0000
+tag_size = "32MiB"
 block_size = 0x4000
 
 [[untagged_range]]
@@ -369,7 +373,7 @@ def test_load_topology_refuses_a_missing_file(tmp_path: Path) -> None:
 def test_load_topology_validates_the_file(tmp_path: Path) -> None:
     """A valid TOML file with an invalid topology names the bad field."""
     path = tmp_path / "host.toml"
-    path.write_text(TOML.replace('tag_size = "1MiB"', 'tag_size = "2MiB"'))
+    path.write_text(TOML.replace('tag_size = "32MiB"', 'tag_size = "64MiB"'))
     with pytest.raises(ConfigError) as info:
         load_topology(path)
     assert "tag_region[0].tag_size" == info.value.field
@@ -378,21 +382,65 @@ def test_load_topology_validates_the_file(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- default_topology
 
 
-@pytest.mark.parametrize("page_size", [4 * KiB, 16 * KiB, 64 * KiB])
-@pytest.mark.parametrize("memory", [256 * MiB, GiB, 4 * GiB, 6 * GiB + 64 * KiB, 64 * GiB, 1 << 40])
+# Hosts big enough for two tag regions of at least one pageblock of tags each.
+DEFAULT_HOSTS = [
+    *[(m, 4 * KiB) for m in (256 * MiB, GiB, 4 * GiB, 6 * GiB + 64 * KiB, 64 * GiB, 1 << 40)],
+    *[(m, 16 * KiB) for m in (4 * GiB, 6 * GiB + 64 * KiB, 64 * GiB, 1 << 40)],
+    *[(m, 64 * KiB) for m in (64 * GiB, 1 << 40)],
+]
+
+
+@pytest.mark.parametrize(("memory", "page_size"), DEFAULT_HOSTS)
 def test_default_topology_sizes_add_up(memory: int, page_size: int) -> None:
-    """Two tag regions (data exactly 32x tags) plus the untaggable rest make up all memory."""
+    """Two tag regions (data exactly 32x tags) plus the untaggable rest make up all memory, and
+    every tag region is a valid CMA area: base and size pageblock-aligned (mm/cma.c)."""
     topo = default_topology(memory, page_size)
     assert memory == topo.total_bytes
     assert 2 == len(topo.tag_regions)
+    pageblock = PAGEBLOCK_BYTES[page_size]
     for r in topo.tag_regions:
         assert r.memory_size_bytes == 32 * r.tag_size_bytes
         assert 0 == r.tag_size_bytes % math.lcm(page_size, r.block_size_bytes)
+        assert (0, 0) == (r.tag_base % pageblock, r.tag_size_bytes % pageblock)
     assert topo == parse_topology(topology_to_doc(topo))
 
 
-@pytest.mark.parametrize("page_size", [4 * KiB, 16 * KiB, 64 * KiB])
-@pytest.mark.parametrize("memory", [256 * MiB, GiB, 4 * GiB])
+@pytest.mark.parametrize(("memory", "page_size"), [(GiB, 16 * KiB), (16 * GiB, 64 * KiB)])
+def test_default_topology_too_small_for_pageblock_aligned_tag_storage_is_refused(
+    memory: int, page_size: int
+) -> None:
+    """A built-in host too small to give each tag region a whole pageblock of tag storage
+    (32 MiB with 16K pages, 512 MiB with 64K) is refused, naming the memory size."""
+    with pytest.raises(ConfigError) as info:
+        default_topology(memory, page_size)
+    assert "memory" == info.value.field
+
+
+@pytest.mark.parametrize(
+    ("page_size", "pageblock"), [("4K", 2 * MiB), ("16K", 32 * MiB), ("64K", 512 * MiB)]
+)
+@pytest.mark.parametrize("field", ["tag_base", "tag_size"])
+def test_tag_region_not_pageblock_aligned_is_refused_as_a_cma_area(
+    page_size: str, pageblock: int, field: str
+) -> None:
+    """A tag region becomes a CMA area; cma_init_reserved_mem() refuses a base or size that is
+    not pageblock-aligned (2 MiB / 32 MiB / 512 MiB for 4K / 16K / 64K pages), and the refusal
+    disables tag storage management: the topology is refused, naming the field."""
+    tag_size = pageblock if field == "tag_base" else pageblock // 2
+    tag_base = BASE + 32 * pageblock + (pageblock // 2 if field == "tag_base" else 0)
+    r = region(memory_size=32 * tag_size, tag_base=tag_base, tag_size=tag_size)
+    err = config_error(doc(r, page_size=page_size))
+    assert_names(err, f"tag_region[0].{field}", tag_base if field == "tag_base" else tag_size)
+    assert "pageblock" in str(err)
+
+
+def test_an_8k_tag_region_is_refused() -> None:
+    """The smallest tag region the block size allows (one 8 KiB block) is not a CMA area."""
+    err = config_error(doc(region(memory_size="256K", tag_size="8K")))
+    assert_names(err, "tag_region[0].tag_size", 8 * KiB)
+
+
+@pytest.mark.parametrize(("memory", "page_size"), DEFAULT_HOSTS[:3] + DEFAULT_HOSTS[6:7])
 def test_default_host_usage_totals_memory(memory: int, page_size: int) -> None:
     """A host on the default topology reports all its memory free, tag storage included."""
     topo = default_topology(memory, page_size)
@@ -417,8 +465,8 @@ def test_default_topology_refuses_bad_sizes(memory: int, page_size: int, field: 
 @pytest.mark.parametrize("block_size", [k * 4 * KiB for k in range(1, 17)])
 def test_block_pages_is_lcm_over_page_size(page_size: int, block_size: int) -> None:
     """block_pages = lcm(page, block) / page for every page size and 4K..64K blocks."""
-    block_bytes = math.lcm(page_size, block_size)
-    tag_size = block_bytes * 4
+    block_bytes = math.lcm(page_size, block_size, PAGEBLOCK_BYTES[page_size])
+    tag_size = block_bytes
     tag_base = -(-(BASE + 32 * tag_size) // block_bytes) * block_bytes
     topo = parse_topology(
         {

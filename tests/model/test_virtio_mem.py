@@ -1,5 +1,5 @@
-"""virtio-mem (DOMAIN.md §5): every answer of the device, in QEMU's order, plus the usable
-region, discarding on unplug and device removal."""
+"""virtio-mem (docs/domain.md, "Memory hotplug"): every answer of the device, in QEMU's order,
+plus the usable region, discarding on unplug and device removal."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hostd.model import (
     MemoryDeviceKind,
     MiB,
     NotFoundError,
+    ResourceExhaustedError,
     TagCopyDirection,
     TagPolicy,
     VirtioMemBlockState,
@@ -43,6 +44,7 @@ UNPLUG_ALL = VirtioMemRequestType.UNPLUG_ALL
 STATE = VirtioMemRequestType.STATE
 ACK = VirtioMemResponse.ACK
 NACK = VirtioMemResponse.NACK
+BUSY = VirtioMemResponse.BUSY
 ERROR = VirtioMemResponse.ERROR
 
 
@@ -178,33 +180,104 @@ def test_unplug_all_unplugs_everything_and_is_acked(host: Host, requested: str) 
     assert 0 == host.status().tag_blocks_reserved
 
 
-def test_mte_vm_plug_is_nacked_when_taggable_memory_is_full(small_host: Host) -> None:
-    """An MTE VM's PLUG is NACKed when the host has no taggable memory left to back it."""
-    for vm_id, policy in (("mte", TagPolicy.ON_FAULT), ("eager", TagPolicy.EAGER)):
+def test_plug_the_host_cannot_back_is_busy_with_prealloc(small_host: Host) -> None:
+    """With QEMU's ``prealloc`` device property (which an EAGER guest implies), a PLUG whose
+    blocks the host cannot back is answered BUSY (virtio_mem_state_change_request():
+    preallocation failed), never NACK, and plugs nothing; Linux retries BUSY on a timer."""
+    for vm_id, policy, prealloc in (
+        ("mte", TagPolicy.ON_FAULT, True),
+        ("eager", TagPolicy.EAGER, False),
+    ):
         small_host.create_vm(mte_config(vm_id, policy, boot_memory_bytes=4096))
-        small_host.add_virtio_mem(vm_id, VMEM, VirtioMemConfig(VMEM_REGION, VMEM_BLOCK, VMEM_BLOCK))
+        config = VirtioMemConfig(VMEM_REGION, VMEM_BLOCK, VMEM_BLOCK, prealloc=prealloc)
+        small_host.add_virtio_mem(vm_id, VMEM, config)
     # The EAGER VM's boot RAM holds one taggable page.
     fill(small_host, "hog", SMALL_UNTAGGED_PAGES + SMALL_DATA_PAGES - 1)
     assert 0 == small_host.mem.free_pages(4)
     for vm_id in ("mte", "eager"):
         before = snapshot(small_host)
         answer = small_host.virtio_mem_request(vm_id, VMEM, PLUG, block(0), 1)
-        assert NACK == answer.response
+        assert BUSY == answer.response
         assert 0 == device(small_host, vm_id).plugged_bytes
         assert_unchanged(small_host, before)
 
 
-def test_eager_plug_is_nacked_when_part_of_taggable_memory_is_left(small_host: Host) -> None:
-    """An EAGER PLUG needing more taggable pages than are free is NACKed, nothing is backed."""
-    fill(small_host, "hog", SMALL_UNTAGGED_PAGES + SMALL_DATA_PAGES - 256)
-    small_host.create_vm(mte_config("eager", TagPolicy.EAGER, boot_memory_bytes=4096))
-    small_host.add_virtio_mem("eager", VMEM, VirtioMemConfig(VMEM_REGION, VMEM_BLOCK, VMEM_BLOCK))
-    assert 255 == small_host.mem.free_pages(4)
-    assert NACK == small_host.virtio_mem_request("eager", VMEM, PLUG, block(0), 1).response
-    assert (0, 4096) == (
-        device(small_host, "eager").plugged_bytes,
-        small_host.get_vm("eager").tagged_bytes,
+def test_plug_without_prealloc_is_acked_and_memory_is_found_at_fault(small_host: Host) -> None:
+    """Without ``prealloc`` a PLUG within requested_size is ACKed whatever the host has free
+    (QEMU only checks the request against its config); the memory is found at fault time, and
+    a fault that cannot be backed fails there."""
+    small_host.create_vm(mte_config("mte", boot_memory_bytes=4096))
+    small_host.add_virtio_mem("mte", VMEM, VirtioMemConfig(VMEM_REGION, VMEM_BLOCK, VMEM_BLOCK))
+    fill(small_host, "hog", SMALL_UNTAGGED_PAGES + SMALL_DATA_PAGES)
+    assert ACK == small_host.virtio_mem_request("mte", VMEM, PLUG, block(0), 1).response
+    assert (VMEM_BLOCK, 0) == (
+        device(small_host).plugged_bytes,
+        device(small_host).mapped_bytes,
     )
+    before = snapshot(small_host)
+    with pytest.raises(ResourceExhaustedError):
+        small_host.guest_fault("mte", block(0), 4096, Access.WRITE)
+    assert_unchanged(small_host, before)
+
+
+def test_prealloc_plug_backs_and_reserves_before_the_ack(host: Host, mte_vm: str) -> None:
+    """A prealloc PLUG of an ON_FAULT MTE guest backs its blocks tagged and reserves their tag
+    storage before the ACK, so that the memory is promised, not a snapshot: a later fault finds
+    it mapped and reserves nothing."""
+    host.add_virtio_mem(
+        "mte", "pre", VirtioMemConfig(64 * MiB, VMEM_BLOCK, 2 * VMEM_BLOCK, prealloc=True)
+    )
+    gpa = device(host, "mte", "pre").gpa
+    assert ACK == host.virtio_mem_request("mte", "pre", PLUG, gpa, 2).response
+    d = device(host, "mte", "pre")
+    assert (2 * VMEM_BLOCK, 2 * VMEM_BLOCK, 2 * VMEM_BLOCK, True) == (
+        d.plugged_bytes,
+        d.mapped_bytes,
+        d.tagged_bytes,
+        d.prealloc,
+    )
+    assert 0 == host.guest_fault("mte", gpa, 2 * VMEM_BLOCK, Access.WRITE).newly_mapped_pages
+    assert_sound(host)
+
+
+def test_plug_beyond_requested_size_is_the_only_nack(small_host: Host) -> None:
+    """NACK means only "beyond requested_size" (QEMU): on a full host, a PLUG beyond the request
+    is NACK and one within it is BUSY (prealloc) or ACK (no prealloc)."""
+    small_host.create_vm(mte_config("mte", boot_memory_bytes=4096))
+    small_host.add_virtio_mem("mte", VMEM, VirtioMemConfig(64 * MiB, VMEM_BLOCK, VMEM_BLOCK))
+    small_host.add_virtio_mem(
+        "mte", "pre", VirtioMemConfig(64 * MiB, VMEM_BLOCK, VMEM_BLOCK, prealloc=True)
+    )
+    fill(small_host, "hog", SMALL_UNTAGGED_PAGES + SMALL_DATA_PAGES)
+    pre = device(small_host, "mte", "pre").gpa
+    ask = small_host.virtio_mem_request
+    assert NACK == ask("mte", VMEM, PLUG, block(0), 2).response
+    assert NACK == ask("mte", "pre", PLUG, pre, 2).response
+    assert BUSY == ask("mte", "pre", PLUG, pre, 1).response
+    assert ACK == ask("mte", VMEM, PLUG, block(0), 1).response
+    assert_sound(small_host)
+
+
+def test_resize_of_a_prealloc_device_beyond_what_the_host_can_back_is_refused(
+    small_host: Host,
+) -> None:
+    """ResizeVirtioMem on a prealloc device refuses (RESOURCE_EXHAUSTED, nothing changed) a
+    requested size the host could not back now: the admission check a VMM makes before it sets
+    QEMU's requested-size. A device without prealloc accepts it (QEMU does)."""
+    small_host.create_vm(mte_config("mte", boot_memory_bytes=4096))
+    small_host.add_virtio_mem("mte", "pre", VirtioMemConfig(128 * MiB, VMEM_BLOCK, prealloc=True))
+    small_host.add_virtio_mem("mte", VMEM, VirtioMemConfig(128 * MiB, VMEM_BLOCK))
+    free_bytes = small_host.mem.free_pages(4) * 4096
+    too_much = (free_bytes // VMEM_BLOCK + 1) * VMEM_BLOCK
+    before = snapshot(small_host)
+    with pytest.raises(ResourceExhaustedError) as info:
+        small_host.resize_virtio_mem("mte", "pre", too_much)
+    assert "TAGGABLE_MEMORY_EXHAUSTED" == info.value.reason
+    assert "pre" == info.value.metadata["device_id"]
+    assert 0 == device(small_host, "mte", "pre").requested_size_bytes
+    assert_unchanged(small_host, before)
+    small_host.resize_virtio_mem("mte", "pre", too_much - VMEM_BLOCK)
+    small_host.resize_virtio_mem("mte", VMEM, too_much)
     assert_sound(small_host)
 
 
@@ -340,11 +413,28 @@ def test_unplugged_gpa_cannot_be_faulted(host: Host, requested: str) -> None:
 # ----------------------------------------------------------------- device add / remove
 
 
+def test_device_with_requested_size_is_not_removed_even_with_nothing_plugged(
+    host: Host, requested: str
+) -> None:
+    """QEMU refuses to unplug a virtio-mem device "while 'requested-size' != '0'", even with
+    nothing plugged: FailedPrecondition REQUESTED_SIZE_NOT_ZERO, nothing changed."""
+    before = snapshot(host)
+    with pytest.raises(FailedPreconditionError) as info:
+        host.remove_memory_device("mte", VMEM)
+    assert "REQUESTED_SIZE_NOT_ZERO" == info.value.reason
+    assert_unchanged(host, before)
+    host.resize_virtio_mem("mte", VMEM, 0)
+    host.remove_memory_device("mte", VMEM)
+    assert_sound(host)
+
+
 def test_removing_device_with_plugged_blocks_is_failed_precondition(
     host: Host, requested: str
 ) -> None:
-    """A virtio-mem device with plugged blocks cannot be removed; with none it can."""
+    """A virtio-mem device with plugged blocks cannot be removed; with none (and nothing
+    requested) it can."""
     request(host, PLUG, block(0), 1)
+    host.resize_virtio_mem("mte", VMEM, 0)
     before = snapshot(host)
     with pytest.raises(FailedPreconditionError) as info:
         host.remove_memory_device("mte", VMEM)
@@ -417,3 +507,18 @@ def test_requests_are_counted_by_type_and_response(host: Host, requested: str) -
         ("UNPLUG", "ACK"): 1,
         ("UNPLUG_ALL", "ACK"): 1,
     } == host.counters.virtio_mem_requests
+
+
+def test_eager_is_preallocation_for_every_device_of_the_guest(small_host: Host) -> None:
+    """EAGER is QEMU's prealloc=on for an MTE guest: its virtio-mem devices preallocate even
+    without the device property, so a resize the host could not back tagged is refused up
+    front, and a PLUG backs (and tags) its blocks before the ACK."""
+    small_host.create_vm(mte_config("eager", TagPolicy.EAGER, boot_memory_bytes=4096))
+    small_host.add_virtio_mem("eager", VMEM, VirtioMemConfig(128 * MiB, VMEM_BLOCK))
+    with pytest.raises(ResourceExhaustedError):
+        small_host.resize_virtio_mem("eager", VMEM, 128 * MiB)
+    small_host.resize_virtio_mem("eager", VMEM, 2 * VMEM_BLOCK)
+    answer = small_host.virtio_mem_request("eager", VMEM, PLUG, block(0), 2)
+    assert ACK == answer.response
+    assert 2 * VMEM_BLOCK == device(small_host, "eager").tagged_bytes
+    assert_sound(small_host)

@@ -170,6 +170,7 @@ def test_the_public_surface_is_pinned() -> None:
         "AlreadyExists",
         "DeadlineExceeded",
         "DeviceInfo",
+        "DiscardOutcome",
         "DriveResult",
         "EventInfo",
         "EventStream",
