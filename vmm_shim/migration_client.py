@@ -129,6 +129,11 @@ def _result(r: pb.MigrationReport) -> MigrationResult:
     )
 
 
+def _set(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields that are not None."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 class MigrationCalls:
     """The migration RPCs, one method each (mixed into ``HostClient``)."""
 
@@ -136,30 +141,50 @@ class MigrationCalls:
 
         def _unary(self, method: str, request: Any, *, token: str | None = None) -> Any: ...
 
-    def _send(self, method: str, request: Any) -> Any:
-        """One call; a mutating request gets a fresh request_id (kept on every attempt), so
-        the client's retries never apply a step twice."""
-        if hasattr(request, "request_id") and not request.request_id:
-            request.request_id = str(uuid.uuid4())
-        return self._unary(method, request)
+    def _read(self, method: str, cls: Any, **fields: Any) -> Any:
+        """One call that changes nothing. The request is built by the client's ``_message``:
+        a value it cannot carry (text that is not UTF-8, an integer out of range) is the
+        client's InvalidArgument naming the field, raised before anything is sent. A None
+        leaves its field unset, as the message's constructor would (a round's last "chunk")."""
+        # Imported here: vmm_shim.client imports this module (HostClient mixes these calls in).
+        from vmm_shim.client import _message
+
+        return self._unary(method, _message(cls, **_set(fields)))
+
+    def _mutation(self, method: str, cls: Any, **fields: Any) -> Any:
+        """One mutating call, its request built by the client's ``_mutation``: checked like
+        ``_read``'s, with a fresh request_id that every attempt repeats, so the client's
+        retries never apply a step twice."""
+        from vmm_shim.client import _mutation
+
+        return self._unary(method, _mutation(cls, None, **_set(fields)))
 
     def _step(self, method: str, vm_id: str, migration_id: str) -> Any:
-        request = pb.MigrationStepRequest(vm_id=vm_id, migration_id=migration_id)
-        return self._send(method, request)
+        return self._mutation(
+            method, pb.MigrationStepRequest, vm_id=vm_id, migration_id=migration_id
+        )
 
     # -- source
 
     def start_migration(self, vm_id: str, migration_id: str, timeout_s: float) -> Any:
         """Start an outgoing migration; returns the manifest (opaque, for ``admit_migration``)."""
-        request = pb.StartMigrationRequest(
-            vm_id=vm_id, migration_id=migration_id, timeout_seconds=timeout_s
+        return self._mutation(
+            "StartMigration",
+            pb.StartMigrationRequest,
+            vm_id=vm_id,
+            migration_id=migration_id,
+            timeout_seconds=timeout_s,
         )
-        return self._send("StartMigration", request)
 
     def read_migration_chunk(self, vm_id: str, migration_id: str) -> Any | None:
         """The next chunk of the round (opaque, for ``write_migration_chunk``), or None."""
-        request = pb.ReadMigrationChunkRequest(vm_id=vm_id, migration_id=migration_id)
-        answer = self._send("ReadMigrationChunk", request)
+        # A mutation: reading advances the round's cursor.
+        answer = self._mutation(
+            "ReadMigrationChunk",
+            pb.ReadMigrationChunkRequest,
+            vm_id=vm_id,
+            migration_id=migration_id,
+        )
         return None if answer.round_done else answer.chunk
 
     def next_migration_round(self, vm_id: str, migration_id: str) -> int:
@@ -182,13 +207,23 @@ class MigrationCalls:
 
     def admit_migration(self, manifest: Any, lease_s: float) -> MigrationInfo:
         """Admit an incoming VM (or raise ResourceExhausted saying what is short)."""
-        request = pb.AdmitMigrationRequest(manifest=manifest, lease_seconds=lease_s)
-        return _info(self._send("AdmitMigration", request))
+        return _info(
+            self._mutation(
+                "AdmitMigration", pb.AdmitMigrationRequest, manifest=manifest, lease_seconds=lease_s
+            )
+        )
 
     def write_migration_chunk(self, vm_id: str, migration_id: str, chunk: Any) -> MigrationInfo:
         """Apply one chunk (resending an applied chunk is harmless)."""
-        request = pb.WriteMigrationChunkRequest(vm_id=vm_id, migration_id=migration_id, chunk=chunk)
-        return _info(self._send("WriteMigrationChunk", request))
+        return _info(
+            self._mutation(
+                "WriteMigrationChunk",
+                pb.WriteMigrationChunkRequest,
+                vm_id=vm_id,
+                migration_id=migration_id,
+                chunk=chunk,
+            )
+        )
 
     def commit_migration(self, vm_id: str, migration_id: str) -> MigrationResult:
         """Take ownership of the VM on the destination."""
@@ -202,14 +237,13 @@ class MigrationCalls:
 
     def get_migration(self, vm_id: str) -> MigrationInfo:
         """The migration of ``vm_id`` on this host (NotFound if none)."""
-        request = pb.GetMigrationRequest(vm_id=vm_id)
-        return _info(self._send("GetMigration", request))
+        return _info(self._read("GetMigration", pb.GetMigrationRequest, vm_id=vm_id))
 
     # -- host page migration
 
     def compact_tag_region(self, region: str) -> CompactionInfo:
         """Compact a tag region (``tag0``, ...) so that whole tag blocks become free."""
-        r = self._send("CompactTagRegion", pb.CompactTagRegionRequest(region=region))
+        r = self._mutation("CompactTagRegion", pb.CompactTagRegionRequest, region=region)
         return CompactionInfo(
             r.region,
             r.evacuated_pages,
@@ -223,8 +257,9 @@ class MigrationCalls:
 
     def evacuate_host_range(self, pfn_start: int, nr_pages: int) -> EvacuationInfo:
         """Move every guest page off host pages ``[pfn_start, pfn_start + nr_pages)``."""
-        request = pb.EvacuateHostRangeRequest(pfn_start=pfn_start, nr_pages=nr_pages)
-        r = self._send("EvacuateHostRange", request)
+        r = self._mutation(
+            "EvacuateHostRange", pb.EvacuateHostRangeRequest, pfn_start=pfn_start, nr_pages=nr_pages
+        )
         return EvacuationInfo(
             r.pfn_start, r.nr_pages, r.moved_pages, r.pages_left, r.stopped_reason, r.complete
         )
