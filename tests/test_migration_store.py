@@ -25,11 +25,17 @@ TAGS = bytes(i % 16 for i in range(4096 // 16))
 
 
 def call(store: Store, method: str, *args: object) -> object:
-    """What the servicer does: prepare the record, call the model, commit on success."""
-    record = store.prepare(method, args)
-    result = getattr(store.host, method)(*args)
-    if record is not None:
-        store.commit(record)
+    """What the servicer does: record the call ahead, call the model, commit on success (abort
+    on a refusal)."""
+    ticket = store.begin(method, args)
+    try:
+        result = getattr(store.host, method)(*args)
+    except BaseException:
+        if ticket is not None:
+            store.abort(ticket)
+        raise
+    if ticket is not None:
+        store.commit(ticket)
     return result
 
 

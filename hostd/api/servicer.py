@@ -40,7 +40,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from concurrent import futures
 from typing import Any, NoReturn, Protocol, TypeVar, cast
 
@@ -679,11 +679,24 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         self._authorize(context, Host.export_state, ())
         async with self._expensive:
             messages = stream_on_copy(self.lock, self._serialized_export)
+            pending: asyncio.Future[bytes | None] | None = None
             try:
-                while (data := await asyncio.to_thread(next, messages, None)) is not None:
+                while True:
+                    pending = asyncio.ensure_future(asyncio.to_thread(next, messages, None))
+                    # Shielded: a caller that goes away must not end this future before the
+                    # thread leaves next().
+                    data = await asyncio.shield(pending)
+                    pending = None
+                    if data is None:
+                        break
                     yield pb.ExportStateResponse.FromString(data)
             finally:
-                await asyncio.to_thread(messages.close)
+                if pending is None:
+                    await asyncio.to_thread(messages.close)
+                else:
+                    # The caller went away while a thread is still inside next(): close the
+                    # stream (and kill the copy) once that returns, not concurrently with it.
+                    pending.add_done_callback(lambda f: _close_after(f, messages))
 
     def _serialized_export(self) -> Iterator[bytes]:
         """Run in the copy's process: the export as serialised messages."""
@@ -873,6 +886,14 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
             context, Host.evacuate_host_range, request.pfn_start, request.nr_pages
         )
         return convert.evacuation_to_proto(result)
+
+
+def _close_after(done: asyncio.Future[Any], messages: Generator[bytes, None, None]) -> None:
+    """Close a copy's message stream after the read that was under way ended (its result or
+    error no longer has a reader)."""
+    if not done.cancelled():
+        done.exception()
+    messages.close()
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:

@@ -71,6 +71,8 @@ BASELINE_VALUES = {
     "block_size": "2MiB",
     "fill": "1",
     "scenario": "no-such-scenario",
+    # A well-formed destination nobody listens on: hostile ids reach the client's checks.
+    "to": "unix:/nonexistent/hostd.sock",
 }
 # Extra arguments that make a command fail fast instead of doing real work when a hostile value
 # lands where it is accepted (report would otherwise run every scenario).
