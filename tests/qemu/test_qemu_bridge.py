@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, HostdProcess
+from tests.conftest import ADMIN_TOKEN, REPO_ROOT, HostdProcess
 from tests.qemu.conftest import QemuGuest, qemu_missing, wait_until
 from vmm_shim import HostClient, InvalidArgument
 from vmm_shim.cli import main
@@ -105,7 +105,7 @@ def follower(hostd: Hostd, qemu_guest: QemuGuest, short_tmp: Path) -> Iterator[F
 def bridge(hostd: Hostd, qemu_guest: QemuGuest, follower: Follower) -> Iterator[QemuBridge]:
     """The test's own bridge on QEMU's second QMP socket (for resize and reads)."""
     with QemuBridge.connect(
-        VM_ID, qmp_address=qemu_guest.control_qmp, host_address=hostd.address
+        VM_ID, qmp_address=qemu_guest.control_qmp, host_address=hostd.address, token=ADMIN_TOKEN
     ) as b:
         wait_until(lambda: _registered(b), SETTLE_TIMEOUT_S, "the follower to attach")
         yield b
@@ -204,7 +204,7 @@ def test_attach_refuses_a_registration_that_does_not_match_qemu(
     """A VM already registered with other boot RAM is not silently reused: attach names the
     difference and changes nothing."""
     other = "qemu-guest-mismatch"
-    with HostClient(hostd.address) as host:
+    with HostClient(hostd.address, token=ADMIN_TOKEN) as host:
         host.create_vm(other, mte_enabled=True, tag_policy="EAGER", boot_memory_bytes=128 * MiB)
         mismatched = QemuBridge(host, bridge.qmp, other)
         with pytest.raises(QemuBridgeError, match="boot RAM is 0x10000000 in QEMU, 0x8000000"):
@@ -237,7 +237,7 @@ def test_hostd_restarted_without_state_gets_the_vm_registered_again(
     hostd.process.proc.kill()
     hostd.process.proc.wait()
     hostd.process = hostd_process(*hostd.restart_args)
-    with HostClient(hostd.address) as host:
+    with HostClient(hostd.address, token=ADMIN_TOKEN) as host:
         wait_until(
             lambda: (
                 any(v.vm_id == VM_ID for v in host.list_vms())
@@ -262,7 +262,7 @@ def test_hostd_restarted_with_its_store_keeps_the_vm_and_the_bridge_carries_on(
     assert 0 == hostd.process.wait()
     hostd.process = hostd_process(*hostd.restart_args)
     with QemuBridge.connect(
-        VM_ID, qmp_address=qemu_guest.control_qmp, host_address=hostd.address
+        VM_ID, qmp_address=qemu_guest.control_qmp, host_address=hostd.address, token=ADMIN_TOKEN
     ) as bridge:
         assert 128 * MiB == bridge.vm.device(DEVICE).plugged_size
         _resize_and_settle(bridge, 192 * MiB)
@@ -314,7 +314,7 @@ def test_status_shows_the_difference_until_a_resize_through_the_bridge_resolves_
     assert row.endswith("DIFFERS")
 
     with QemuBridge.connect(
-        VM_ID, qmp_address=qemu_guest.control_qmp, host_address=hostd.address
+        VM_ID, qmp_address=qemu_guest.control_qmp, host_address=hostd.address, token=ADMIN_TOKEN
     ) as bridge:
         _resize_and_settle(bridge, 128 * MiB)
         assert 128 * MiB == bridge.vm.device(DEVICE).plugged_size
@@ -331,7 +331,7 @@ def test_qemu_killed_the_vm_is_destroyed_after_the_grace_period(
     qemu_guest.kill()
     assert 0 == follower.proc.wait(timeout=SETTLE_TIMEOUT_S), follower.output()
     assert "destroyed in hostd" in follower.output()
-    with HostClient(hostd.address) as host:
+    with HostClient(hostd.address, token=ADMIN_TOKEN) as host:
         assert [] == host.list_vms()
         status = host.host_status()
         assert (0, 0, 0) == (status.vm_count, status.tagged_bytes, status.tag_reserved_bytes)
