@@ -620,6 +620,29 @@ def test_journal_values_round_trip_through_json(value: object) -> None:
     assert value == decode_value(json.loads(json.dumps(encode_value(value))))
 
 
+def test_a_fault_that_changes_nothing_is_not_journaled_unless_it_has_a_request_id(
+    store: Store,
+) -> None:
+    """A fault on pages already mapped as the access needs (the vCPU race) writes no record; a
+    fresh fault does, and so does a no-op fault that carries a request_id (its answer must be
+    remembered across a restart)."""
+    from hostd.model.types import Access, TagPolicy, VmConfig
+
+    store.host.create_vm(
+        VmConfig(vm_id="nf", mte_enabled=True, tag_policy=TagPolicy.ON_FAULT,
+                 boot_memory_bytes=1 << 20)
+    )  # fmt: skip
+    args = ("nf", 0x4000_0000, 4096, Access.WRITE)
+    fresh = store.begin("guest_fault", args)
+    assert fresh is not None
+    store.host.guest_fault(*args)
+    store.commit(fresh)
+    assert None is store.begin("guest_fault", args)
+    with_id = store.begin("guest_fault", args, "req-1")
+    assert with_id is not None
+    store.abort(with_id)
+
+
 def test_values_the_journal_cannot_encode_are_refused_before_the_call(store: Store) -> None:
     with pytest.raises(TypeError, match="cannot journal"):
         store.begin("guest_fault", (object(),))

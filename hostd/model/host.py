@@ -787,6 +787,25 @@ class Host(HostMigration, HostPageMigration):
                     )
                 )
 
+    def fault_changes_nothing(
+        self, vm_id: str, gpa: int, length_bytes: int, access: Access
+    ) -> bool:
+        """Whether :meth:`guest_fault` with these arguments would find every page already
+        mapped as ``access`` needs, and so change no state. Reads only; False when unsure."""
+        vm = self._vms.get(vm_id)
+        ps = self.page_size
+        if vm is None or not isinstance(gpa, int) or not isinstance(length_bytes, int):
+            return False
+        if length_bytes <= 0 or gpa % ps or length_bytes % ps:
+            return False
+        first = vm.gfn_offset(gpa)
+        last = first + length_bytes // ps
+        return (
+            first >= 0
+            and last <= vm.stage2.size
+            and self._mapped_as_wanted(vm, vm.stage2[first:last], access)
+        )
+
     def _mapped_as_wanted(self, vm: Vm, s2: npt.NDArray[np.uint32], access: Access) -> bool:
         """Whether stage-2 entries ``s2`` are all mapped as the VM's policy wants for
         ``access`` (ON_FAULT / EAGER pages are tagged from their first fault)."""
