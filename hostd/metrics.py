@@ -229,6 +229,9 @@ _COLLECTOR_SPECS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      ("region",)),
     ("counter", "tagstore_page_migrations", "Guest pages moved to another host page, by reason.",
      ("reason",)),
+    ("counter", "tagstore_vmm_differences",
+     "Differences a VMM reported it could not reconcile with hostd (QEMU bridge), by reporter.",
+     ("reporter",)),
     ("counter", "tagstore_fault_replays",
      "Guest faults replayed after a failed tag reservation moved the page.", ()),
     ("counter", "tagstore_virtio_mem_requests",
@@ -322,6 +325,7 @@ def _families(snap: _Snapshot | None, inv: _InvariantResult | None) -> list[Metr
         ("tagstore_migrations",
          {(r.value, o.value): 0 for r in MigrationRole for o in MigrationOutcome}, c.migrations),
         ("tagstore_migration_wire_bytes", {r.value: 0 for r in MigrationRole}, c.migration_bytes),
+        ("tagstore_vmm_differences", {"qemu-bridge": 0}, c.vmm_differences),
     ]  # fmt: skip
     for name, zeros, table in tables:
         _add_table(f[name], zeros, table)

@@ -969,6 +969,27 @@ class VmHandle:
         """Destroy the VM: its memory, tags and reserved tag storage are freed."""
         self._unary("DestroyVm", _mutation(pb.DestroyVmRequest, request_id, vm_id=self.vm_id))
 
+    def report_difference(
+        self,
+        device_id: str,
+        what: str,
+        *,
+        reporter: str = "vmm-shim",
+        request_id: str | None = None,
+    ) -> None:
+        """Tell hostd that this VMM's view of ``device_id`` (or of the VM, with "") differs from
+        hostd's in a way it could not reconcile: hostd counts it per ``reporter`` and publishes
+        a ``vmm_difference`` event."""
+        request = _mutation(
+            pb.ReportVmmDifferenceRequest,
+            request_id,
+            vm_id=self.vm_id,
+            device_id=device_id,
+            reporter=reporter,
+            what=what[:512],
+        )
+        self._unary("ReportVmmDifference", request)
+
     def discard(self, gpa: int, length: int, *, request_id: str | None = None) -> DiscardOutcome:
         """Discard ``[gpa, gpa+length)``, memory the guest gave back (free page reporting,
         balloon inflation): its pages, tags and emptied tag blocks are freed."""

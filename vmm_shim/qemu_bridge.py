@@ -64,6 +64,8 @@ MAX_NB_BLOCKS = 0xFFFF
 # Bytes mirrored per PLUG/UNPLUG request: Linux's driver works one Linux memory block (128 MiB
 # on arm64 with 4K pages) at a time, so a host that cannot back everything still backs a prefix.
 MIRROR_BATCH_BYTES = 128 << 20
+# How the bridge names itself in hostd's difference reports (the metric's reporter label).
+REPORTER = "qemu-bridge"
 # Requests one sync may send per device before it reports the difference as a problem.
 MAX_SYNC_REQUESTS = 4096
 # QMP paths.
@@ -218,6 +220,8 @@ class QemuBridge:
         self.qmp = qmp
         self.vm_id = vm_id
         self.vm = host.vm(vm_id)
+        # The difference last reported to hostd per device, so that a poll repeats none.
+        self._reported: dict[str, str] = {}
         self._qmp_address = qmp.address if qmp is not None else ""
         self._qmp_timeout_s = qmp.timeout_s if qmp is not None else DEFAULT_QMP_TIMEOUT_S
 
@@ -401,6 +405,10 @@ class QemuBridge:
     ) -> VirtioMemSync:
         if problem:
             log.warning("%s/%s: %s", self.vm_id, dev.device_id, problem)
+            # A device hostd does not have is reported against the VM as a whole.
+            self._report_to_hostd(dev.device_id, hd is not None, problem)
+        else:
+            self._reported.pop(dev.device_id, None)
         return VirtioMemSync(
             dev.device_id,
             dev.requested_size,
@@ -410,6 +418,21 @@ class QemuBridge:
             requests,
             problem,
         )
+
+    def _report_to_hostd(self, device_id: str, in_hostd: bool, problem: str) -> None:
+        """Count the difference in hostd (metric and event) once per new difference."""
+        if self._reported.get(device_id) == problem:
+            return
+        try:
+            self.vm.report_difference(
+                device_id if in_hostd else "", f"{device_id}: {problem}", reporter=REPORTER
+            )
+        except TagStoreClientError as e:
+            log.warning(
+                "%s/%s: could not report the difference to hostd: %s", self.vm_id, device_id, e
+            )
+            return
+        self._reported[device_id] = problem
 
     def _sync_device(self, dev: QemuVirtioMem) -> VirtioMemSync:
         hd = self.vm.device(dev.device_id)

@@ -651,6 +651,20 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         )
         return convert.discard_result_to_proto(result)
 
+    @_rpc(logging.INFO)
+    async def ReportVmmDifference(
+        self, request: pb.ReportVmmDifferenceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReportVmmDifferenceResponse:
+        await self._call(
+            context,
+            Host.report_vmm_difference,
+            request.vm_id,
+            request.device_id,
+            request.reporter,
+            request.what,
+        )
+        return pb.ReportVmmDifferenceResponse()
+
     @_rpc(logging.DEBUG)
     async def CopyTags(
         self, request: pb.CopyTagsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -38,6 +38,7 @@ EVENT_EVACUATION = "evacuation"  # count = pages moved out of tag storage
 EVENT_FAULT = "fault"  # detail: access, outcome; seconds = handling time
 # detail: migration_id, role, phase (a MigrationPhase or an outcome, upper case); count = round
 EVENT_MIGRATION_PHASE = "migration_phase"
+EVENT_VMM_DIFFERENCE = "vmm_difference"  # detail: reporter, what (a VMM's view differs)
 EVENT_PAGES_MOVED = "pages_moved"  # count = pages; detail: reason (compaction, offlining)
 
 

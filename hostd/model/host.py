@@ -38,6 +38,7 @@ from hostd.model.events import (
     EVENT_VIRTIO_MEM_UNPLUGGED,
     EVENT_VM_CREATED,
     EVENT_VM_DESTROYED,
+    EVENT_VMM_DIFFERENCE,
     Event,
     Subscriber,
 )
@@ -100,7 +101,10 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_VMS = (1 << 16) - 1  # owner ids are uint16, 0 = no owner
 MAX_GUEST_MEMORY_BYTES = 4 * TiB
 MAX_DIMM_SLOTS = 256  # QEMU/ACPI limit
-MAX_TAG_COPY_BYTES = 32 * MiB  # 2 MiB of tags in one call
+MAX_TAG_COPY_BYTES = 32 * MiB
+MAX_DIFFERENCE_CHARS = (
+    512  # a VMM's account of a difference, for logs and events  # 2 MiB of tags in one call
+)
 VIRTIO_MEM_MIN_BLOCK_BYTES = MiB
 MAX_VIRTIO_MEM_NB_BLOCKS = 0xFFFF  # the request's nb_blocks is a le16
 
@@ -786,6 +790,29 @@ class Host(HostMigration, HostPageMigration):
                         detail={"access": kind, "outcome": outcome},
                     )
                 )
+
+    def report_vmm_difference(self, vm_id: str, device_id: str, reporter: str, what: str) -> None:
+        """A VMM found that its view of a VM and hostd's differ in a way it could not reconcile
+        (the QEMU bridge: QEMU's plugged size against hostd's). Counted per reporter and
+        published as an event, so that the difference is never silent; changes no VM state."""
+        vm = self._vm(vm_id)
+        if device_id:
+            self._device(vm, device_id)
+        _check_id("reporter", reporter)
+        if not isinstance(what, str) or not 0 < len(what) <= MAX_DIFFERENCE_CHARS:
+            raise InvalidArgumentError(
+                "what", str(what)[:32], f"must be 1-{MAX_DIFFERENCE_CHARS} characters"
+            )
+        table = self.counters.vmm_differences
+        table[reporter] = table.get(reporter, 0) + 1
+        self._emit(
+            Event(
+                EVENT_VMM_DIFFERENCE,
+                vm_id=vm_id,
+                device_id=device_id,
+                detail={"reporter": reporter, "what": what},
+            )
+        )
 
     def fault_changes_nothing(
         self, vm_id: str, gpa: int, length_bytes: int, access: Access

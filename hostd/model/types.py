@@ -387,6 +387,7 @@ class HostCounters:
     tags_copied_bytes: dict[str, int] = field(default_factory=dict)  # direction
     discarded_bytes: dict[str, int] = field(default_factory=dict)  # "tagged" / "untagged"
     huge_folios: dict[str, int] = field(default_factory=dict)  # "mapped" / "fallback" (THP)
+    vmm_differences: dict[str, int] = field(default_factory=dict)  # reporter (qemu-bridge)
     fault_seconds: dict[str, LatencyHistogram] = field(
         default_factory=lambda: {a.value: LatencyHistogram() for a in Access}
     )

@@ -485,6 +485,24 @@ class DiscardGuestMemoryResponse(_message.Message):
     tag_blocks_released: int
     def __init__(self, discarded_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., tag_blocks_released: _Optional[int] = ...) -> None: ...
 
+class ReportVmmDifferenceRequest(_message.Message):
+    __slots__ = ("vm_id", "device_id", "reporter", "what", "request_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    device_id: str
+    reporter: str
+    what: str
+    request_id: str
+    def __init__(self, vm_id: _Optional[str] = ..., device_id: _Optional[str] = ..., reporter: _Optional[str] = ..., what: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReportVmmDifferenceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class CopyTagsRequest(_message.Message):
     __slots__ = ("vm_id", "gpa", "length", "direction", "tags", "request_id")
     VM_ID_FIELD_NUMBER: _ClassVar[int]

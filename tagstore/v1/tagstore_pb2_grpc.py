@@ -95,6 +95,11 @@ class TagStorageStub:
                 request_serializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.SerializeToString,
                 response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.FromString,
                 _registered_method=True)
+        self.ReportVmmDifference = channel.unary_unary(
+                '/tagstore.v1.TagStorage/ReportVmmDifference',
+                request_serializer=tagstore_dot_v1_dot_tagstore__pb2.ReportVmmDifferenceRequest.SerializeToString,
+                response_deserializer=tagstore_dot_v1_dot_tagstore__pb2.ReportVmmDifferenceResponse.FromString,
+                _registered_method=True)
         self.CopyTags = channel.unary_unary(
                 '/tagstore.v1.TagStorage/CopyTags',
                 request_serializer=tagstore_dot_v1_dot_tagstore__pb2.CopyTagsRequest.SerializeToString,
@@ -277,6 +282,15 @@ class TagStorageServicer:
         """Discards a guest range the guest gave back (free page reporting, balloon inflation: the
         VMM's MADV_DONTNEED): its host pages are freed with their tags, and a tag block with its last
         tagged page. A later access maps fresh zeroed, untagged memory. Refused for a pinned VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportVmmDifference(self, request, context):
+        """Reports that the VMM's view of a VM differs from hostd's in a way the VMM could not
+        reconcile (the QEMU bridge: QEMU's plugged size against hostd's). hostd counts it
+        (tagstore_vmm_differences_total) and publishes a "vmm_difference" event; no VM state changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -503,6 +517,11 @@ def add_TagStorageServicer_to_server(servicer, server):
                     servicer.DiscardGuestMemory,
                     request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.FromString,
                     response_serializer=tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.SerializeToString,
+            ),
+            'ReportVmmDifference': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportVmmDifference,
+                    request_deserializer=tagstore_dot_v1_dot_tagstore__pb2.ReportVmmDifferenceRequest.FromString,
+                    response_serializer=tagstore_dot_v1_dot_tagstore__pb2.ReportVmmDifferenceResponse.SerializeToString,
             ),
             'CopyTags': grpc.unary_unary_rpc_method_handler(
                     servicer.CopyTags,
@@ -915,6 +934,33 @@ class TagStorage:
             '/tagstore.v1.TagStorage/DiscardGuestMemory',
             tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryRequest.SerializeToString,
             tagstore_dot_v1_dot_tagstore__pb2.DiscardGuestMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportVmmDifference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tagstore.v1.TagStorage/ReportVmmDifference',
+            tagstore_dot_v1_dot_tagstore__pb2.ReportVmmDifferenceRequest.SerializeToString,
+            tagstore_dot_v1_dot_tagstore__pb2.ReportVmmDifferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

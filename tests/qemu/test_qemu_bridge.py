@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -279,8 +280,12 @@ def test_a_plug_hostd_cannot_back_is_reported_not_ignored(
 ) -> None:
     """requested-size set in QEMU behind hostd's back (plain qom-set, no admission), beyond what
     the 1 GiB host can back: the guest plugs it all, hostd is asked to follow and backs what it
-    can, and the difference is logged (and left for the next test to see in ``qemu status``)."""
+    can, and the difference is logged, counted in hostd and published there as an event (and
+    left for the next test to see in ``qemu status``)."""
     assert bridge.qmp is not None
+    events = bridge.host.watch_events()
+    stop = threading.Timer(SETTLE_TIMEOUT_S, events.cancel)
+    stop.start()
     bridge.qmp.qom_set(f"/machine/peripheral/{DEVICE}", "requested-size", 1024 * MiB)
     wait_until(
         lambda: bridge.machine().device(DEVICE).plugged_size == 1024 * MiB,
@@ -296,6 +301,13 @@ def test_a_plug_hostd_cannot_back_is_reported_not_ignored(
         f"the bridge to report the difference\n{follower.output()}",
     )
     assert "was not admitted by hostd" in follower.output()
+    try:
+        difference = next(e for e in events if e.kind == "vmm_difference")
+    finally:
+        stop.cancel()
+        events.cancel()
+    assert (VM_ID, "qemu-bridge") == (difference.vm_id, difference.detail["reporter"])
+    assert DEVICE in difference.detail["what"]
     dev = bridge.vm.device(DEVICE)
     # hostd backs what it can (at least what was plugged before), not everything.
     assert 128 * MiB <= dev.plugged_size < 1024 * MiB
