@@ -40,6 +40,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from credentials import admin_channel  # bench/credentials.py, beside this script
+
 from hostd.model import parse_size
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
@@ -63,8 +65,9 @@ class Daemon:
         self.args = [
             sys.executable, "-m", "hostd", "serve", "--listen", self.address,
             "--metrics-listen", "", "--memory", memory, "--state-dir", str(state),
-            "--invariant-check-interval", "3600",
+            "--invariant-check-interval", "3600", "--admin-token-file", str(tmp / "admin.token"),
         ]  # fmt: skip
+        self.token_file = tmp / "admin.token"
         self.log = tmp / "hostd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -172,7 +175,7 @@ def children_private_bytes(pid: int) -> int:
 
 
 def under_load(
-    stub: pb_grpc.TagStorageStub, address: str, seconds: float, what: str, pid: int
+    stub: pb_grpc.TagStorageStub, daemon: Daemon, seconds: float, what: str, pid: int
 ) -> tuple[list[float], int, int]:
     """Fault latencies while another client runs ``what`` back to back; returns (latencies,
     how many ``what`` completed, peak private memory of the daemon's children)."""
@@ -185,7 +188,7 @@ def under_load(
             child_peak[0] = max(child_peak[0], children_private_bytes(pid))
 
     def load() -> None:
-        with grpc.insecure_channel(address) as channel:
+        with admin_channel(daemon.address, daemon.token_file) as channel:
             other = pb_grpc.TagStorageStub(channel)
             while not stop.is_set():
                 if what == "check":
@@ -244,7 +247,7 @@ def main() -> int:
         # The process before any page of the host is touched (interpreter, gRPC, empty arrays
         # not yet faulted in): subtracted to get the state's share, as bench_model.py does.
         baseline = daemon.rss_bytes()
-        channel = grpc.insecure_channel(daemon.address)
+        channel = admin_channel(daemon.address, daemon.token_file)
         stub = pb_grpc.TagStorageStub(channel)
         t0 = time.perf_counter()
         vms = populate(stub, memory_bytes)
@@ -256,13 +259,9 @@ def main() -> int:
         idle = fault_latencies(stub, args.seconds)
         assert daemon.proc is not None
         pid = daemon.proc.pid
-        during_check, checks, check_child = under_load(
-            stub, daemon.address, args.seconds, "check", pid
-        )
+        during_check, checks, check_child = under_load(stub, daemon, args.seconds, "check", pid)
         hwm["after checks"] = daemon.hwm_bytes()
-        during_export, exports, export_child = under_load(
-            stub, daemon.address, args.seconds, "export", pid
-        )
+        during_export, exports, export_child = under_load(stub, daemon, args.seconds, "export", pid)
         hwm["after exports"] = daemon.hwm_bytes()
         print("fault latency of a mapped page (one client, sequential calls):")
         print(f"  idle            p50 {pct(idle, 0.5):6.2f} ms  p99 {pct(idle, 0.99):6.2f} ms")
@@ -281,7 +280,7 @@ def main() -> int:
         clean = daemon.start()
         hwm_restart_clean = daemon.hwm_bytes()
         channel.close()
-        channel = grpc.insecure_channel(daemon.address)
+        channel = admin_channel(daemon.address, daemon.token_file)
         stub = pb_grpc.TagStorageStub(channel)
         # A journal to replay: faults of fresh pages freed by destroying one plain VM.
         stub.DestroyVm(pb.DestroyVmRequest(vm_id="plain0"))

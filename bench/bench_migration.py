@@ -44,8 +44,11 @@ PAGE = 4096
 COPY_BYTES = 32 * MiB  # the daemon's largest CopyTags
 
 
-def start_daemon(tmp: Path, name: str, memory: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_daemon(tmp: Path, name: str, memory: int) -> tuple[subprocess.Popen[bytes], str, str]:
+    """A daemon without a state directory (this measures migration, not the journal); returns
+    the process, its address and its admin token."""
     address = f"unix:{tmp}/{name}.sock"
+    token_file = tmp / f"{name}.token"
     log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the daemon
     proc = subprocess.Popen(
         [
@@ -59,6 +62,9 @@ def start_daemon(tmp: Path, name: str, memory: int) -> tuple[subprocess.Popen[by
             "",
             "--memory",
             f"{memory // GiB}GiB",
+            "--ephemeral",
+            "--admin-token-file",
+            str(token_file),
         ],
         stderr=log,
     )
@@ -66,7 +72,7 @@ def start_daemon(tmp: Path, name: str, memory: int) -> tuple[subprocess.Popen[by
         grpc.channel_ready_future(channel).result(timeout=60)
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
-    return proc, address
+    return proc, address, token_file.read_text().strip()
 
 
 def populate(src: HostClient, vm_id: str, guest: int, tagged_fraction: float) -> tuple[int, int]:
@@ -94,13 +100,13 @@ def main() -> int:
     memory = args.guest + 16 * GiB
     procs = []
     try:
-        src_proc, src_addr = start_daemon(tmp, "src", memory)
+        src_proc, src_addr, src_token = start_daemon(tmp, "src", memory)
         procs.append(src_proc)
-        dst_proc, dst_addr = start_daemon(tmp, "dst", memory)
+        dst_proc, dst_addr, dst_token = start_daemon(tmp, "dst", memory)
         procs.append(dst_proc)
         with (
-            HostClient(src_addr, timeout_s=600) as src,
-            HostClient(dst_addr, timeout_s=600) as dst,
+            HostClient(src_addr, timeout_s=600, token=src_token) as src,
+            HostClient(dst_addr, timeout_s=600, token=dst_token) as dst,
         ):
             t0 = time.perf_counter()
             tagged, nonzero = populate(src, "guest", args.guest, args.tagged)
