@@ -787,9 +787,7 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
     async def ReadMigrationChunk(
         self, request: pb.ReadMigrationChunkRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReadMigrationChunkResponse:
-        chunk = await self._call(
-            context, Host.read_migration_chunk, request.vm_id, request.migration_id, time.time()
-        )
+        chunk = await self._migration_step(context, Host.read_migration_chunk, request)
         if chunk is None:
             return pb.ReadMigrationChunkResponse(round_done=True)
         return pb.ReadMigrationChunkResponse(chunk=convert.tag_chunk_to_proto(chunk))
@@ -809,58 +807,55 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         )
         return convert.migration_status_to_proto(status)
 
+    async def _migration_step(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method: Callable[..., T],
+        request: pb.MigrationStepRequest | pb.ReadMigrationChunkRequest,
+    ) -> T:
+        """One step of a VM's migration: the model call on (vm_id, migration_id), now."""
+        return await self._call(context, method, request.vm_id, request.migration_id, time.time())
+
     @_rpc(logging.INFO)
     async def NextMigrationRound(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.NextMigrationRoundResponse:
-        pages = await self._call(
-            context, Host.next_migration_round, request.vm_id, request.migration_id, time.time()
-        )
+        pages = await self._migration_step(context, Host.next_migration_round, request)
         return pb.NextMigrationRoundResponse(round_pages=pages)
 
     @_rpc(logging.INFO)
     async def PauseMigration(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MigrationStatus:
-        status = await self._call(
-            context, Host.pause_migration, request.vm_id, request.migration_id, time.time()
-        )
+        status = await self._migration_step(context, Host.pause_migration, request)
         return convert.migration_status_to_proto(status)
 
     @_rpc(logging.INFO)
     async def HandoverMigration(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MigrationStatus:
-        status = await self._call(
-            context, Host.handover_migration, request.vm_id, request.migration_id, time.time()
-        )
+        status = await self._migration_step(context, Host.handover_migration, request)
         return convert.migration_status_to_proto(status)
 
     @_rpc(logging.INFO)
     async def CommitMigration(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MigrationReport:
-        report = await self._call(
-            context, Host.commit_migration, request.vm_id, request.migration_id, time.time()
-        )
+        report = await self._migration_step(context, Host.commit_migration, request)
         return convert.migration_report_to_proto(report)
 
     @_rpc(logging.INFO)
     async def CompleteMigration(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MigrationReport:
-        report = await self._call(
-            context, Host.complete_migration, request.vm_id, request.migration_id, time.time()
-        )
+        report = await self._migration_step(context, Host.complete_migration, request)
         return convert.migration_report_to_proto(report)
 
     @_rpc(logging.INFO)
     async def AbortMigration(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MigrationStatus:
-        status = await self._call(
-            context, Host.abort_migration, request.vm_id, request.migration_id, time.time()
-        )
+        status = await self._migration_step(context, Host.abort_migration, request)
         return convert.migration_status_to_proto(status)
 
     @_rpc(logging.DEBUG)
