@@ -392,6 +392,24 @@ class HostMigration:
             )
         )
 
+    def _complete(
+        self, m: MigrationState, vm: Vm, role: MigrationRole, now: float | None
+    ) -> MigrationReport:
+        """End ``m`` as completed on this side (its bytes counted for ``role``); the report of
+        what the VM holds now, the same on both sides."""
+        report = MigrationReport(
+            m.migration_id,
+            vm.vm_id,
+            m.round,
+            m.wire_bytes,
+            m.tag_bytes,
+            vm.mapped_pages * self.page_size,
+            vm.tagged_pages * self.page_size,
+        )
+        self.counters.add(self.counters.migration_bytes, role.value, m.wire_bytes)
+        self._end_migration(m, MigrationOutcome.COMPLETED, now)
+        return report
+
     def _end_migration(
         self, m: MigrationState, outcome: MigrationOutcome, now: float | None
     ) -> None:
@@ -591,18 +609,7 @@ class HostMigration:
         ``now`` (if given) ends the migration's duration."""
         m = self._migration(vm_id, migration_id)
         self._require_phase(m, MigrationPhase.HANDOVER)
-        vm = self._vm(vm_id)
-        report = MigrationReport(
-            migration_id,
-            vm_id,
-            m.round,
-            m.wire_bytes,
-            m.tag_bytes,
-            vm.mapped_pages * self.page_size,
-            vm.tagged_pages * self.page_size,
-        )
-        self.counters.add(self.counters.migration_bytes, MigrationRole.OUTGOING.value, m.wire_bytes)
-        self._end_migration(m, MigrationOutcome.COMPLETED, now)
+        report = self._complete(m, self._vm(vm_id), MigrationRole.OUTGOING, now)
         self.destroy_vm(vm_id)
         return report
 
@@ -883,18 +890,7 @@ class HostMigration:
             chosen = rows if used.size == rows.shape[0] else rows[used]
             self.mem.tags.write_nonzero(pages[is_tagged], chosen)
         m.staged_offs, m.staged_nonzero, m.staged_rows = [], [], []
-        report = MigrationReport(
-            migration_id,
-            vm_id,
-            m.round,
-            m.wire_bytes,
-            m.tag_bytes,
-            vm.mapped_pages * self.page_size,
-            vm.tagged_pages * self.page_size,
-        )
-        self.counters.add(self.counters.migration_bytes, MigrationRole.INCOMING.value, m.wire_bytes)
-        self._end_migration(m, MigrationOutcome.COMPLETED, now)
-        return report
+        return self._complete(m, vm, MigrationRole.INCOMING, now)
 
     # ------------------------------------------------------------- either side
 
