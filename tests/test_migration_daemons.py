@@ -193,6 +193,42 @@ def test_destination_short_of_memory_refuses_before_anything_moves(
     assert_clean(src)
 
 
+def test_destination_that_fits_the_mapped_pages_but_not_the_plugged_blocks_refuses(
+    hostd_process: Start, pair: tuple[HostClient, HostClient]
+) -> None:
+    """Plugged virtio-mem blocks the guest has not touched yet must fit too: the ErrorInfo
+    says the taggable memory is short by what they need beyond the destination's free pages."""
+    src, _ = pair
+    small = hostd_process("--memory", "1GiB")
+    vm_id = "plugged-not-mapped"
+    vm = src.create_vm(
+        vm_id,
+        mte_enabled=True,
+        tag_policy="ON_FAULT",
+        boot_memory_bytes=64 * MiB,
+        max_memory_bytes=64 * MiB + 4 * GiB,
+    )
+    vmem = vm.add_virtio_mem("vmem0", region_size=2 * GiB, block_size=2 * MiB)
+    vm.resize_virtio_mem("vmem0", 1536 * MiB)
+    assert "ACK" == vm.virtio_mem_plug("vmem0", vmem.gpa, 768)
+    vm.fault(BOOT_RAM_GPA, 16 * MiB)
+    vm.fault(vmem.gpa, 16 * MiB)
+    with HostClient(small.address, token=ADMIN_TOKEN) as dst:
+        with pytest.raises(ResourceExhausted) as refusal:
+            src.migrate(vm_id, dst)
+        meta = refusal.value.metadata
+        assert "taggable_memory" == meta["resource"]
+        assert 64 * MiB + 1536 * MiB == int(meta["needed_bytes"], 0)
+        short = int(meta["needed_bytes"], 0) - int(meta["available_bytes"], 0)
+        assert short == int(meta["short_bytes"], 0) > 0
+        assert [] == dst.list_vms()
+        assert_clean(dst)
+    assert not_migrating(src, vm_id)
+    vm.fault(vmem.gpa + GiB, MiB)
+    vm.destroy()
+    assert_clean(src)
+
+
 def test_chunk_with_a_bad_checksum_is_refused(pair: tuple[HostClient, HostClient]) -> None:
     """A damaged chunk is INVALID_ARGUMENT (MIGRATION_CHUNK_CHECKSUM) and changes nothing;
     aborting both sides leaves the VM running on the source only."""

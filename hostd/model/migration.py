@@ -57,7 +57,7 @@ from hostd.model.errors import (
     TagStoreError,
 )
 from hostd.model.events import EVENT_MIGRATION_PHASE, Event
-from hostd.model.physmem import TG_FREE, TG_TAGGED, TS_FREE, UT_FREE
+from hostd.model.physmem import TG_FREE, TG_TAGGED
 from hostd.model.types import (
     BOOT_RAM_GPA,
     MTE_GRANULE_BYTES,
@@ -246,6 +246,10 @@ class MigrationState:
     staged_offs: list[IndexArray] = field(default_factory=list)
     staged_nonzero: list[npt.NDArray[np.bool_]] = field(default_factory=list)
     staged_rows: list[npt.NDArray[np.uint8]] = field(default_factory=list)
+    # Destination: plugged pages the source has not mapped, backed at admission so that the
+    # lease holds them (None on the source). A chunk that describes a page settles it; what is
+    # still held at commit the source never mapped, and goes back to the host.
+    held: npt.NDArray[np.bool_] | None = None
 
     def status(self) -> MigrationStatus:
         return MigrationStatus(
@@ -320,6 +324,9 @@ class HostMigration:
         def _emit(self, event: Event) -> None: ...
         def _fault(self, vm: Vm, offs: IndexArray, access: Access) -> Any: ...
         def _unmap(self, vm: Vm, offs: IndexArray) -> None: ...
+        def _back(self, vm: Vm, offs: IndexArray) -> None: ...
+        @staticmethod
+        def _untagged_pool(config: VmConfig) -> int: ...
         def create_vm(self, config: VmConfig) -> VmStatus: ...
         def destroy_vm(self, vm_id: str) -> VmStatus: ...
 
@@ -623,7 +630,9 @@ class HostMigration:
         Admission creates the VM (phase INCOMING: it does not run here yet) with the source's
         layout, and backs every page the source has mapped — tagged pages with reserved tag
         storage — through the host's own fault path, so that tags can later be written without
-        any allocation. Plugged pages the source has not mapped must fit in what is left.
+        any allocation. Plugged pages the source has not mapped are backed too, as the VM's
+        policy backs a fault, so that the lease holds them (``MigrationState.held``); commit
+        gives back those the source never mapped, abort and expiry everything.
         Refusal is RESOURCE_EXHAUSTED naming the resource and how many bytes are short. The
         lease ends the incoming migration (:meth:`expire_migrations`) unless renewed by
         every call of the migration."""
@@ -656,7 +665,11 @@ class HostMigration:
         tagged = _unbits(_inflate(manifest.tagged, "tagged", nbytes), span, "tagged")
         if (tagged & ~mapped).any():
             raise InvalidArgumentError("tagged", "bitmap", "marks pages that are not mapped")
-        self._admission_check(manifest, mapped, tagged)
+        try:
+            self._admission_check(manifest, mapped, tagged)
+        except ResourceExhaustedError:
+            self.counters.add(self.counters.migrations, (MigrationRole.INCOMING.value, "refused"))
+            raise
         self.create_vm(cfg)
         vm = self._vm(cfg.vm_id)
         try:
@@ -666,6 +679,13 @@ class HostMigration:
             if (mapped & ~plugged).any():
                 raise InvalidArgumentError("mapped", "bitmap", "marks pages that are not plugged")
             self._back_pages(vm, np.flatnonzero(mapped & ~tagged), np.flatnonzero(tagged))
+            # Every other plugged page is backed too, as the VM's policy would back it at a
+            # fault (taggable and reserved for an MTE guest tagged at fault): the source's guest
+            # may touch any of them during pre-copy, and the lease must hold what a chunk will
+            # need, or a second admission or another VM's faults could take it meanwhile. An
+            # EAGER VM's boot RAM is already backed by create_vm.
+            held = plugged & ~mapped
+            self._back(vm, np.flatnonzero(held & (vm.stage2 == 0)).astype(np.int64))
         except TagStoreError as error:
             self.destroy_vm(cfg.vm_id)
             self.counters.add(self.counters.migrations, (MigrationRole.INCOMING.value, "refused"))
@@ -680,6 +700,7 @@ class HostMigration:
             now + lease_seconds,
             lease_seconds,
             started_at=now,
+            held=held,
         )
         self.migrations[cfg.vm_id] = m
         self._phase_event(m, m.phase.value)
@@ -691,24 +712,23 @@ class HostMigration:
         mapped: npt.NDArray[np.bool_],
         tagged: npt.NDArray[np.bool_],
     ) -> None:
-        """Refuse, before anything changes, when the pages cannot fit at all."""
+        """Refuse, before anything changes, when the pages the lease must hold cannot fit: every
+        plugged page, tagged (with tag storage) where the source has it tagged or the policy
+        tags at fault, untagged otherwise, from the pool the VM's untagged pages may use."""
         ps = self.page_size
         mem = self.mem
         cfg = manifest.config
         nr_tagged = int(tagged.sum())
         nr_untagged = int(mapped.sum()) - nr_tagged
-        unmapped_plugged = max(0, manifest.plugged_bytes // ps - nr_tagged - nr_untagged)
-        mte_tagged_later = cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
-        if cfg.mte_enabled:
-            need_tagged = nr_tagged + (unmapped_plugged if mte_tagged_later else 0)
+        nr_held = max(0, manifest.plugged_bytes // ps - nr_tagged - nr_untagged)
+        tagged_at_fault = cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
+        need_tagged = nr_tagged + (nr_held if tagged_at_fault else 0)
+        need_untagged = nr_untagged + (0 if tagged_at_fault else nr_held)
+        if need_tagged:
             _require(RESOURCE_TAGGABLE_MEMORY, need_tagged, mem.free_pages(TG_FREE), ps)
-            need_any = need_tagged + nr_untagged + (0 if mte_tagged_later else unmapped_plugged)
-            avail = mem.free_pages(TG_FREE) + (0 if mem.static else mem.free_pages(TS_FREE))
-        else:
-            need_any = nr_untagged + unmapped_plugged
-            avail = mem.free_pages(UT_FREE) + mem.free_pages(TG_FREE)
-            avail += 0 if mem.static else mem.free_pages(TS_FREE)
-        _require(RESOURCE_MEMORY, need_any, avail, ps)
+        # Taggable memory is in every pool, so tagged pages count against the pool too.
+        pool_pages = mem.untagged_capacity(self._untagged_pool(cfg))
+        _require(RESOURCE_MEMORY, need_tagged + need_untagged, pool_pages, ps)
 
     def _recreate_devices(self, vm: Vm, manifest: MigrationManifest) -> None:
         """The source's memory devices at the source's addresses (not re-placed: a layout with
@@ -808,6 +828,8 @@ class HostMigration:
         )
         self._unmap(vm, offs[drop])
         self._back_pages(vm, offs[drop & want_mapped & ~want_tagged], offs[drop & want_tagged])
+        if m.held is not None:
+            m.held[offs] = False  # the source's state of these pages is known now
         m.staged_offs.append(offs[want_tagged])
         m.staged_nonzero.append(nonzero)
         m.staged_rows.append(rows)
@@ -866,6 +888,11 @@ class HostMigration:
         m = self._migration(vm_id, migration_id)
         self._require_phase(m, MigrationPhase.INCOMING)
         vm = self._vm(vm_id)
+        if m.held is not None:
+            # Held pages no chunk described: the source never mapped them, so neither does
+            # the VM here (its plugged blocks are backed as on any host from now on).
+            self._unmap(vm, np.flatnonzero(m.held).astype(np.int64))
+            m.held = None
         if m.staged_offs:
             offs = np.concatenate(m.staged_offs)
             nonzero = np.concatenate(m.staged_nonzero)
@@ -943,6 +970,11 @@ class HostMigration:
                 out.append(f"migration {m.migration_id!r}: round beyond the guest's memory")
             if not 0 <= m.cursor <= m.round_offs.size:
                 out.append(f"migration {m.migration_id!r}: cursor {m.cursor} out of its round")
+            if m.held is not None:
+                if m.held.size != vm.stage2.size:
+                    out.append(f"migration {m.migration_id!r}: held bitmap of the wrong size")
+                elif not (vm.stage2[m.held] != 0).all():
+                    out.append(f"migration {m.migration_id!r}: a held page is not backed")
         return out
 
     # ------------------------------------------------------------- persistence
@@ -968,6 +1000,8 @@ class HostMigration:
             if m.dirty is not None:
                 arrays[f"mig{i}_dirty"] = m.dirty.copy()
             arrays[f"mig{i}_round_offs"] = m.round_offs.copy()
+            if m.held is not None:
+                arrays[f"mig{i}_held"] = m.held.copy()
             if m.staged_offs:
                 arrays[f"mig{i}_staged_offs"] = np.concatenate(m.staged_offs)
                 arrays[f"mig{i}_staged_nonzero"] = np.concatenate(m.staged_nonzero)
@@ -997,6 +1031,8 @@ class HostMigration:
             if f"mig{i}_dirty" in arrays:
                 m.dirty = arrays[f"mig{i}_dirty"].astype(bool)
             m.round_offs = arrays[f"mig{i}_round_offs"].astype(np.int64)
+            if f"mig{i}_held" in arrays:
+                m.held = arrays[f"mig{i}_held"].astype(bool)
             if f"mig{i}_staged_offs" in arrays:
                 m.staged_offs = [arrays[f"mig{i}_staged_offs"].astype(np.int64)]
                 m.staged_nonzero = [arrays[f"mig{i}_staged_nonzero"].astype(bool)]
