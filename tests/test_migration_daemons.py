@@ -20,8 +20,10 @@ from vmm_shim.client import (
     HostClient,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     TagStoreClientError,
+    Unauthenticated,
 )
 from vmm_shim.migration_client import MigrationProgress
 
@@ -120,6 +122,35 @@ def test_migrated_vm_arrives_whole_and_leaves_nothing_on_the_source(
     assert_clean(src, dst)
     dst.vm(vm_id).fault(BOOT_RAM_GPA + 32 * MiB, MiB)
     dst.vm(vm_id).destroy()
+
+
+def test_migrated_vm_gets_its_own_token_on_the_destination_and_loses_the_source_one(
+    pair: tuple[HostClient, HostClient],
+) -> None:
+    """migrate() returns the VM's token on the destination (the commit makes it): it drives
+    that VM there and no other; the source's token of the VM is revoked by the completion."""
+    src, dst = pair
+    vm_id = "token-moves"
+    handle = src.create_vm(
+        vm_id, mte_enabled=True, tag_policy="ON_FAULT", boot_memory_bytes=64 * MiB
+    )
+    handle.fault(BOOT_RAM_GPA, 4 * MiB)
+    neighbour = dst.create_vm("token-neighbour", mte_enabled=False, boot_memory_bytes=64 * MiB)
+    result = src.migrate(vm_id, dst)
+    assert result.vm_token.startswith("tsv_")
+    assert handle.vm_token != result.vm_token
+    moved = dst.vm(vm_id, token=result.vm_token)
+    moved.fault(BOOT_RAM_GPA + 4 * MiB, MiB)
+    assert 5 * MiB == moved.info().mapped_bytes
+    with pytest.raises(PermissionDenied):
+        dst.vm("token-neighbour", token=result.vm_token).fault(BOOT_RAM_GPA, MiB)
+    with pytest.raises(Unauthenticated):
+        handle.fault(BOOT_RAM_GPA, MiB)  # the source's token, on the source
+    with pytest.raises(Unauthenticated):
+        dst.vm(vm_id, token=handle.vm_token).fault(BOOT_RAM_GPA, MiB)
+    moved.destroy()
+    neighbour.destroy()
+    assert_clean(src, dst)
 
 
 def test_tag_writes_and_faults_during_precopy_arrive(pair: tuple[HostClient, HostClient]) -> None:
