@@ -232,6 +232,7 @@ class MigrationState:
     deadline: float
     timeout_seconds: float
     started_at: float = 0.0
+    phase_started_at: float = 0.0
     round: int = 1
     chunks: int = 0
     wire_bytes: int = 0
@@ -425,10 +426,17 @@ class HostMigration:
         key = (m.role.value, outcome.value)
         c.add(c.migrations, key)
         if now is not None:
-            c.migration_seconds[key] = c.migration_seconds.get(key, 0.0) + max(
-                0.0, now - m.started_at
-            )
+            c.observe(c.migration_seconds, key, now - m.started_at)
+            self._phase_ended(m, now)
         self._phase_event(m, outcome.value.upper())
+
+    def _phase_ended(self, m: MigrationState, now: float) -> None:
+        """Count how long ``m`` spent in its current phase; the next one starts ``now``."""
+        c = self.counters
+        c.observe(
+            c.migration_phase_seconds, (m.role.value, m.phase.value), now - m.phase_started_at
+        )
+        m.phase_started_at = now
 
     def get_migration(self, vm_id: str) -> MigrationStatus:
         """The migration of ``vm_id`` on this host (NOT_FOUND if none)."""
@@ -481,6 +489,7 @@ class HostMigration:
             now + timeout_seconds,
             timeout_seconds,
             started_at=now,
+            phase_started_at=now,
             dirty=np.zeros(vm.stage2.size, dtype=bool),
             round_offs=offs,
         )
@@ -585,6 +594,7 @@ class HostMigration:
         refused (FAILED_PRECONDITION), so the dirty set can only shrink to empty."""
         m = self._migration(vm_id, migration_id)
         self._require_phase(m, MigrationPhase.PRECOPY)
+        self._phase_ended(m, now)
         m.phase = MigrationPhase.PAUSED
         m.deadline = now + m.timeout_seconds
         self._phase_event(m, m.phase.value)
@@ -604,6 +614,7 @@ class HostMigration:
                 migration_id=migration_id,
                 nr_pages=left,
             )
+        self._phase_ended(m, now)
         m.phase = MigrationPhase.HANDOVER
         m.deadline = now + m.timeout_seconds
         self._phase_event(m, m.phase.value)
@@ -700,6 +711,7 @@ class HostMigration:
             now + lease_seconds,
             lease_seconds,
             started_at=now,
+            phase_started_at=now,
             held=held,
         )
         self.migrations[cfg.vm_id] = m
@@ -991,6 +1003,7 @@ class HostMigration:
                 "deadline": m.deadline,
                 "timeout_seconds": m.timeout_seconds,
                 "started_at": m.started_at,
+                "phase_started_at": m.phase_started_at,
                 "round": m.round,
                 "chunks": m.chunks,
                 "wire_bytes": m.wire_bytes,
@@ -1022,6 +1035,7 @@ class HostMigration:
                 float(d["deadline"]),
                 float(d["timeout_seconds"]),
                 started_at=float(d.get("started_at", 0.0)),
+                phase_started_at=float(d.get("phase_started_at", d.get("started_at", 0.0))),
                 round=d["round"],
                 chunks=d["chunks"],
                 wire_bytes=d["wire_bytes"],
