@@ -273,7 +273,10 @@ class MigrationState:
 
 def pack_tags(rows: npt.NDArray[np.uint8]) -> bytes:
     """One-tag-per-byte rows (``KVM_ARM_MTE_COPY_TAGS`` layout) to 4 bits per granule."""
-    return (rows[:, 0::2] | (rows[:, 1::2] << 4)).astype(np.uint8).tobytes()
+    # Each pair of tags read as one little-endian 16-bit word ``lo + 256 * hi``: since tags are
+    # 0..15, the low byte of ``w | w >> 4`` is ``lo | hi << 4``. Contiguous passes, not strided.
+    pairs = np.ascontiguousarray(rows).view("<u2")
+    return (pairs | (pairs >> 4)).astype(np.uint8).tobytes()
 
 
 def unpack_tags(data: bytes, nr_pages: int, tags_per_page: int) -> npt.NDArray[np.uint8]:
@@ -523,28 +526,36 @@ class HostMigration:
         packed_per_page = ps // MTE_GRANULE_BYTES // 2
         offs = m.round_offs[m.cursor : m.cursor + CHUNK_MAX_PAGES]
         # Bound the window too, so that the present bitmap stays small on sparse rounds.
-        offs = offs[offs < offs[0] + 8 * CHUNK_MAX_PAGES]
+        offs = offs[: np.searchsorted(offs, offs[0] + 8 * CHUNK_MAX_PAGES)]
         s2 = vm.stage2[offs].astype(np.int64)
         is_mapped = s2 != 0
-        pages = s2[is_mapped] - 1
         is_tagged = np.zeros(offs.size, dtype=bool)
-        is_tagged[is_mapped] = mem.flags[pages] == TG_TAGGED
+        is_tagged[is_mapped] = mem.flags[s2[is_mapped] - 1] == TG_TAGGED
+        # Only tagged pages can have tags to send: stop looking where the tagged pages alone
+        # could fill the chunk four times over, so that a densely tagged window does not search
+        # the tag store for pages that the byte bound then cuts off (a chunk of a window whose
+        # tagged pages are mostly all-zero just ends sooner).
+        tagged_cum = np.cumsum(is_tagged)
+        enough = 4 * CHUNK_MAX_TAG_BYTES // packed_per_page
+        if int(tagged_cum[-1]) > enough:
+            end = max(1, int(np.searchsorted(tagged_cum, enough, side="right")))
+            offs, s2, is_mapped, is_tagged = offs[:end], s2[:end], is_mapped[:end], is_tagged[:end]
         # The tag store keeps only pages with a non-zero tag: which pages those are is a
-        # lookup, so only their rows are ever read.
+        # lookup, and the same lookup finds their rows.
+        tagged_idx = np.flatnonzero(is_tagged)
+        pos, stored = mem.tags.locate(s2[tagged_idx] - 1)
         nonzero_all = np.zeros(offs.size, dtype=bool)
-        stored = mem.tags.pages
-        if stored.size:
-            tagged_pages = s2[is_tagged] - 1
-            pos = np.minimum(np.searchsorted(stored, tagged_pages), stored.size - 1)
-            nonzero_all[is_tagged] = stored[pos] == tagged_pages
+        nonzero_all[tagged_idx[stored]] = True
         # Cut where the packed tags would exceed the chunk's byte bound (at least one page).
         tag_bytes_cum = np.cumsum(nonzero_all) * packed_per_page
         cut = max(1, int(np.searchsorted(tag_bytes_cum, CHUNK_MAX_TAG_BYTES, side="right")))
         if cut < offs.size:
             offs, is_mapped, is_tagged = offs[:cut], is_mapped[:cut], is_tagged[:cut]
             nonzero_all, s2 = nonzero_all[:cut], s2[:cut]
+            keep = tagged_idx < cut
+            pos, stored = pos[keep], stored[keep]
         nonzero_t = nonzero_all[is_tagged]
-        rows = mem.tags.read(s2[nonzero_all] - 1)
+        rows = mem.tags.rows_at(pos[stored])
         first = int(offs[0])
         span = int(offs[-1]) - first + 1
         present = np.zeros(span, dtype=bool)
