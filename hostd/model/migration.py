@@ -707,7 +707,9 @@ class HostMigration:
             # need, or a second admission or another VM's faults could take it meanwhile. An
             # EAGER VM's boot RAM is already backed by create_vm.
             held = plugged & ~mapped
-            self._back(vm, np.flatnonzero(held & (vm.stage2 == 0)).astype(np.int64))
+            to_back = np.flatnonzero(held & (vm.stage2 == 0)).astype(np.int64)
+            if to_back.size:
+                self._back(vm, to_back)
         except TagStoreError as error:
             self.destroy_vm(cfg.vm_id)
             self.counters.add(self.counters.migrations, (MigrationRole.INCOMING.value, "refused"))
