@@ -51,7 +51,6 @@ from hostd.cow import call_on_copy
 from hostd.model.migration import MigrationOutcome, MigrationPhase, MigrationRole
 from hostd.model.types import (
     DCACHE_INVALIDATE,
-    LATENCY_BUCKETS_SECONDS,
     TAG_CACHE_INVALIDATE,
     Access,
     HostCounters,
@@ -251,9 +250,6 @@ _COLLECTOR_SPECS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("counter", "tagstore_migration_wire_bytes",
      "Bytes of tag chunks sent (OUTGOING) or received (INCOMING) by completed migrations.",
      ("role",)),
-    ("counter", "tagstore_migration_duration_seconds",
-     "Seconds from start (source) or admission (destination) to the end, summed by role and "
-     "outcome (divide by tagstore_migrations_total for the mean).", ("role", "outcome")),
     ("counter", "tagstore_migration_rounds",
      "Pre-copy rounds started after the first, over all outgoing migrations.", ()),
     ("gauge", "tagstore_invariant_violations",
@@ -331,8 +327,6 @@ def _families(snap: _Snapshot | None, inv: _InvariantResult | None) -> list[Metr
         _add_table(f[name], zeros, table)
     f["tagstore_fault_replays"].add_metric([], c.fault_replays)
     f["tagstore_migration_rounds"].add_metric([], c.migration_rounds)
-    for (role, outcome), seconds in sorted(c.migration_seconds.items()):
-        f["tagstore_migration_duration_seconds"].add_metric([role, outcome], seconds)
     in_progress = {(r.value, p.value): 0 for r in MigrationRole for p in MigrationPhase}
     for key in snap.migrations:
         in_progress[key] = in_progress.get(key, 0) + 1
@@ -350,7 +344,23 @@ def _families(snap: _Snapshot | None, inv: _InvariantResult | None) -> list[Metr
         "Time to reserve a batch of tag blocks, evacuation of lent data included.",
     )
     reservations.add_metric([], _buckets(c.reservation_seconds), c.reservation_seconds.sum_seconds)
-    return [*f.values(), faults, reservations]
+    durations = HistogramMetricFamily(
+        "tagstore_migration_duration_seconds",
+        "Live migrations ended on this host: seconds from start (source) or admission "
+        "(destination) to the end, by role and outcome.",
+        labels=["role", "outcome"],
+    )
+    for key, histogram in sorted(c.migration_seconds.items()):
+        durations.add_metric(list(key), _buckets(histogram), histogram.sum_seconds)
+    phases = HistogramMetricFamily(
+        "tagstore_migration_phase_duration_seconds",
+        "Seconds live migrations spent in each phase, by role and phase (PAUSED is the "
+        "guest's downtime on the source).",
+        labels=["role", "phase"],
+    )
+    for key, histogram in sorted(c.migration_phase_seconds.items()):
+        phases.add_metric(list(key), _buckets(histogram), histogram.sum_seconds)
+    return [*f.values(), faults, reservations, durations, phases]
 
 
 def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
@@ -358,7 +368,7 @@ def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
     out: list[tuple[str, float]] = []
     total = 0
     for bound, n in zip(
-        (*(floatToGoString(b) for b in LATENCY_BUCKETS_SECONDS), "+Inf"),
+        (*(floatToGoString(b) for b in histogram.bounds), "+Inf"),
         histogram.counts,
         strict=True,
     ):

@@ -9,9 +9,12 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
+from tagstore.v1 import tagstore_pb2 as pb
 from tests.conftest import ADMIN_TOKEN, HostdProcess
 from vmm_shim.cli import main
 from vmm_shim.client import (
@@ -20,8 +23,11 @@ from vmm_shim.client import (
     HostClient,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     TagStoreClientError,
+    Unauthenticated,
+    Unavailable,
 )
 from vmm_shim.migration_client import MigrationProgress
 
@@ -122,6 +128,35 @@ def test_migrated_vm_arrives_whole_and_leaves_nothing_on_the_source(
     dst.vm(vm_id).destroy()
 
 
+def test_migrated_vm_gets_its_own_token_on_the_destination_and_loses_the_source_one(
+    pair: tuple[HostClient, HostClient],
+) -> None:
+    """migrate() returns the VM's token on the destination (the commit makes it): it drives
+    that VM there and no other; the source's token of the VM is revoked by the completion."""
+    src, dst = pair
+    vm_id = "token-moves"
+    handle = src.create_vm(
+        vm_id, mte_enabled=True, tag_policy="ON_FAULT", boot_memory_bytes=64 * MiB
+    )
+    handle.fault(BOOT_RAM_GPA, 4 * MiB)
+    neighbour = dst.create_vm("token-neighbour", mte_enabled=False, boot_memory_bytes=64 * MiB)
+    result = src.migrate(vm_id, dst)
+    assert result.vm_token.startswith("tsv_")
+    assert handle.vm_token != result.vm_token
+    moved = dst.vm(vm_id, token=result.vm_token)
+    moved.fault(BOOT_RAM_GPA + 4 * MiB, MiB)
+    assert 5 * MiB == moved.info().mapped_bytes
+    with pytest.raises(PermissionDenied):
+        dst.vm("token-neighbour", token=result.vm_token).fault(BOOT_RAM_GPA, MiB)
+    with pytest.raises(Unauthenticated):
+        handle.fault(BOOT_RAM_GPA, MiB)  # the source's token, on the source
+    with pytest.raises(Unauthenticated):
+        dst.vm(vm_id, token=handle.vm_token).fault(BOOT_RAM_GPA, MiB)
+    moved.destroy()
+    neighbour.destroy()
+    assert_clean(src, dst)
+
+
 def test_tag_writes_and_faults_during_precopy_arrive(pair: tuple[HostClient, HostClient]) -> None:
     """Pages faulted and tags written on the source after round 1 was sent reach the
     destination in a later round."""
@@ -190,6 +225,42 @@ def test_destination_short_of_memory_refuses_before_anything_moves(
         src.get_migration(vm_id)
     src.vm(vm_id).fault(BOOT_RAM_GPA, MiB)
     src.vm(vm_id).destroy()
+    assert_clean(src)
+
+
+def test_destination_that_fits_the_mapped_pages_but_not_the_plugged_blocks_refuses(
+    hostd_process: Start, pair: tuple[HostClient, HostClient]
+) -> None:
+    """Plugged virtio-mem blocks the guest has not touched yet must fit too: the ErrorInfo
+    says the taggable memory is short by what they need beyond the destination's free pages."""
+    src, _ = pair
+    small = hostd_process("--memory", "1GiB")
+    vm_id = "plugged-not-mapped"
+    vm = src.create_vm(
+        vm_id,
+        mte_enabled=True,
+        tag_policy="ON_FAULT",
+        boot_memory_bytes=64 * MiB,
+        max_memory_bytes=64 * MiB + 4 * GiB,
+    )
+    vmem = vm.add_virtio_mem("vmem0", region_size=2 * GiB, block_size=2 * MiB)
+    vm.resize_virtio_mem("vmem0", 1536 * MiB)
+    assert "ACK" == vm.virtio_mem_plug("vmem0", vmem.gpa, 768)
+    vm.fault(BOOT_RAM_GPA, 16 * MiB)
+    vm.fault(vmem.gpa, 16 * MiB)
+    with HostClient(small.address, token=ADMIN_TOKEN) as dst:
+        with pytest.raises(ResourceExhausted) as refusal:
+            src.migrate(vm_id, dst)
+        meta = refusal.value.metadata
+        assert "taggable_memory" == meta["resource"]
+        assert 64 * MiB + 1536 * MiB == int(meta["needed_bytes"], 0)
+        short = int(meta["needed_bytes"], 0) - int(meta["available_bytes"], 0)
+        assert short == int(meta["short_bytes"], 0) > 0
+        assert [] == dst.list_vms()
+        assert_clean(dst)
+    assert not_migrating(src, vm_id)
+    vm.fault(vmem.gpa + GiB, MiB)
+    vm.destroy()
     assert_clean(src)
 
 
@@ -401,3 +472,125 @@ def test_cli_shows_and_aborts_a_migration_by_hand(
     assert "MIGRATION_NOT_FOUND" in capsys.readouterr().err
     src.vm("by-hand").fault(BOOT_RAM_GPA + 32 * MiB, MiB)
     src.vm("by-hand").destroy()
+
+
+class _ReplyLost(grpc.RpcError):
+    """What a client sees when the connection drops after the server answered."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection reset before the reply (injected by the test)"
+
+
+class LoseCommitReplies(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Lets the first ``n`` CommitMigration calls reach the daemon and run, then drops their
+    replies; keeps the answers that were lost."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.lost: list[pb.MigrationReport] = []
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        if details.method.endswith("/CommitMigration") and self.left > 0:
+            self.left -= 1
+            self.lost.append(outcome.result())  # the daemon answered: the commit happened
+            raise _ReplyLost()
+        return outcome
+
+
+def lossy_client(address: str, loss: LoseCommitReplies, **options: Any) -> HostClient:
+    channel = grpc.intercept_channel(grpc.insecure_channel(address), loss)
+    return HostClient(address, token=ADMIN_TOKEN, channel=channel, **options)
+
+
+def assert_owned_by_destination_only(
+    src: HostClient, dst: HostClient, vm_id: str, token: str
+) -> None:
+    with pytest.raises(NotFound):
+        src.get_vm(vm_id)
+    assert not_migrating(src, vm_id) and not_migrating(dst, vm_id)
+    assert not [r for r in src.export_state().mapping_runs if r.vm_id == vm_id]
+    dst.vm(vm_id, token=token).fault(BOOT_RAM_GPA + 40 * MiB, MiB)
+    assert_clean(src, dst)
+
+
+def test_commit_reply_lost_once_is_retried_with_its_request_id_and_answers_the_same(
+    pair: tuple[HostClient, HostClient],
+) -> None:
+    """The destination commits but the reply is lost: the client's retry carries the same
+    request_id and gets the first answer (the same VM token) without committing twice; the
+    source then completes, and only the destination owns the VM."""
+    src, dst = pair
+    vm_id = "commit-lost-once"
+    build_vm(src, vm_id, mte=True, policy="ON_FAULT")
+    before = guest_view(src, vm_id)
+    loss = LoseCommitReplies(1)
+    with lossy_client(dst.address, loss) as lossy:
+        result = src.migrate(vm_id, lossy)
+    assert 1 == len(loss.lost)
+    assert loss.lost[0].vm_token == result.vm_token != ""
+    assert loss.lost[0].mapped_bytes == result.mapped_bytes
+    assert before == guest_view(dst, vm_id)
+    assert_owned_by_destination_only(src, dst, vm_id, result.vm_token)
+    dst.vm(vm_id).destroy()
+
+
+def test_commit_reply_lost_on_every_attempt_is_resolved_by_asking_the_destination(
+    pair: tuple[HostClient, HostClient],
+) -> None:
+    """Every attempt of the commit loses its reply (the first commits, the next ones repeat
+    it): migrate() asks the destination whether it owns the VM, fetches the commit's answer
+    with the same request_id, completes the source and returns the destination's token."""
+    src, dst = pair
+    vm_id = "commit-lost-always"
+    build_vm(src, vm_id, mte=True, policy="EAGER")
+    before = guest_view(src, vm_id)
+    loss = LoseCommitReplies(2)
+    with lossy_client(dst.address, loss, max_attempts=2) as lossy:
+        result = src.migrate(vm_id, lossy)
+    assert 2 == len(loss.lost)
+    assert loss.lost[0] == loss.lost[1]  # the retry answered the first commit's report
+    assert loss.lost[0].vm_token == result.vm_token != ""
+    assert before == guest_view(dst, vm_id)
+    assert_owned_by_destination_only(src, dst, vm_id, result.vm_token)
+    dst.vm(vm_id).destroy()
+
+
+def test_commit_reply_lost_and_destination_unreachable_leaves_one_owner_until_resolved(
+    pair: tuple[HostClient, HostClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The commit happens but the driver never hears of it and cannot reach the destination
+    again: migrate() fails, the source stays paused in HANDOVER (it never resumes by itself, as
+    the destination owns the VM) and the VM runs nowhere twice. ``migration complete`` on the
+    source then finishes: exactly one host owns the VM, nothing leaked on either."""
+    src, dst = pair
+    vm_id = "commit-lost-cut"
+    build_vm(src, vm_id, mte=True, policy="ON_FAULT")
+    before = guest_view(src, vm_id)
+    loss = LoseCommitReplies(1)
+    with (
+        lossy_client(dst.address, loss, max_attempts=1) as lossy,
+        pytest.raises(TagStoreClientError),
+    ):
+        # After the lost reply the destination is unreachable: every other call fails too.
+        real = lossy._unary
+
+        def cut(method: str, request: Any, *, token: str | None = None) -> Any:
+            if loss.lost:
+                raise Unavailable("UNAVAILABLE", "connection cut (injected by the test)")
+            return real(method, request, token=token)
+
+        lossy._unary = cut  # type: ignore[method-assign]
+        src.migrate(vm_id, lossy, migration_id="cut-commit")
+    assert "HANDOVER" == src.get_migration(vm_id).phase
+    with pytest.raises(FailedPrecondition):
+        src.vm(vm_id).fault(BOOT_RAM_GPA + 40 * MiB, MiB)  # paused, not resumed
+    assert not_migrating(dst, vm_id)  # the destination committed: it owns the VM
+    assert before == guest_view(dst, vm_id)
+    assert 0 == main(["--host", src.address, "migration", "complete", vm_id, "cut-commit"])
+    capsys.readouterr()
+    assert_owned_by_destination_only(src, dst, vm_id, loss.lost[0].vm_token)
+    dst.vm(vm_id).destroy()

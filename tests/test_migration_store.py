@@ -3,12 +3,18 @@ sides, and the replayed hosts carry on (hostd.store with hostd.model.migration).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
+import pytest
+
+from hostd.api.requests import WALL_CLOCK_ARG, RequestWindow
 from hostd.model import (
     BOOT_RAM_GPA,
     Access,
     GiB,
+    Host,
+    InvalidArgumentError,
     MiB,
     TagCopyDirection,
     TagPolicy,
@@ -76,3 +82,17 @@ def test_migration_steps_survive_a_crash_of_both_daemons(tmp_path: Path) -> None
     finally:
         src.close()
         dst.close()
+
+
+def test_a_retried_migration_step_matches_its_first_call_whatever_the_time() -> None:
+    """A retry of a migration step arrives later than the call it repeats: its request_id
+    finds the first answer (the wall-clock argument is not part of the call's fingerprint),
+    while another VM or migration under the same id is still refused REQUEST_ID_REUSED."""
+    window = RequestWindow()
+    window.remember("r1", "commit_migration", ("vm", "m", 100.0), "answer")
+    assert "answer" == window.lookup("r1", "commit_migration", ("vm", "m", 107.5))
+    with pytest.raises(InvalidArgumentError, match="first used for another call"):
+        window.lookup("r1", "commit_migration", ("vm", "other", 100.0))
+    for method, position in WALL_CLOCK_ARG.items():
+        parameters = list(inspect.signature(getattr(Host, method)).parameters)
+        assert "now" == parameters[position + 1], method  # after self

@@ -272,7 +272,10 @@ def _migrate_main(args: argparse.Namespace) -> int:
             f"migrated {result.vm_id} to {args.to} in {result.rounds} round(s): "
             f"{format_size(result.mapped_bytes)} mapped, {format_size(result.tagged_bytes)} "
             f"tagged; {format_size(result.wire_bytes)} on the wire "
-            f"({format_size(result.tag_bytes)} of packed tags)"
+            f"({format_size(result.tag_bytes)} of packed tags)\n"
+            f"vm_token: {result.vm_token}\n"
+            f"(the VM's token on {args.to}: the VMM continues with it there; the source's "
+            "token is revoked)"
         )
     return EXIT_OK
 

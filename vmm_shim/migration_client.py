@@ -6,7 +6,7 @@ is one method here; :func:`migrate` runs the whole protocol between two clients:
     src.start_migration -> manifest -> dst.admit_migration
     loop: src.read_migration_chunk -> dst.write_migration_chunk ; src.next_migration_round
     src.pause_migration ; final round ; src.handover_migration
-    dst.commit_migration ; src.complete_migration
+    dst.commit_migration (-> the VM's token on dst) ; src.complete_migration (revokes src's)
 
 Manifests and chunks are opaque values passed from one daemon to the other unchanged (they are
 protobuf messages; nothing else of protobuf leaks out of this module and ``client``).
@@ -18,7 +18,7 @@ import contextlib
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from tagstore.v1 import tagstore_pb2 as pb
@@ -62,6 +62,9 @@ class MigrationResult:
     tag_bytes: int
     mapped_bytes: int
     tagged_bytes: int
+    # The VM's token on the destination (from CommitMigration; ``migrate()`` carries it over):
+    # the VMM continues with it there. Empty in the source's own report.
+    vm_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ def _result(r: pb.MigrationReport) -> MigrationResult:
         r.tag_bytes,
         r.mapped_bytes,
         r.tagged_bytes,
+        r.vm_token,
     )
 
 
@@ -151,13 +155,15 @@ class MigrationCalls:
 
         return self._unary(method, _message(cls, **_set(fields)))
 
-    def _mutation(self, method: str, cls: Any, **fields: Any) -> Any:
+    def _mutation(
+        self, method: str, cls: Any, *, request_id: str | None = None, **fields: Any
+    ) -> Any:
         """One mutating call, its request built by the client's ``_mutation``: checked like
-        ``_read``'s, with a fresh request_id that every attempt repeats, so the client's
-        retries never apply a step twice."""
+        ``_read``'s, with a request_id (the caller's, or a fresh one) that every attempt
+        repeats, so the client's retries never apply a step twice."""
         from vmm_shim.client import _mutation
 
-        return self._unary(method, _mutation(cls, None, **_set(fields)))
+        return self._unary(method, _mutation(cls, request_id, **_set(fields)))
 
     def _step(self, method: str, vm_id: str, migration_id: str) -> Any:
         return self._mutation(
@@ -225,9 +231,20 @@ class MigrationCalls:
             )
         )
 
-    def commit_migration(self, vm_id: str, migration_id: str) -> MigrationResult:
-        """Take ownership of the VM on the destination."""
-        return _result(self._step("CommitMigration", vm_id, migration_id))
+    def commit_migration(
+        self, vm_id: str, migration_id: str, *, request_id: str | None = None
+    ) -> MigrationResult:
+        """Take ownership of the VM on the destination; the result carries the VM's token
+        there. Repeating a commit with its ``request_id`` answers the same result and token."""
+        return _result(
+            self._mutation(
+                "CommitMigration",
+                pb.MigrationStepRequest,
+                request_id=request_id,
+                vm_id=vm_id,
+                migration_id=migration_id,
+            )
+        )
 
     # -- either side
 
@@ -286,7 +303,8 @@ def migrate(
     converged_pages: int = CONVERGED_PAGES,
     progress: Callable[[MigrationProgress], None] | None = None,
 ) -> MigrationResult:
-    """Live-migrate ``vm_id`` from ``src`` to ``dst``; returns the source's report.
+    """Live-migrate ``vm_id`` from ``src`` to ``dst``; returns the source's report with the
+    VM's token on the destination (``vm_token``: the source's token no longer works).
 
     Pre-copy rounds run until a round is small (``converged_pages``) or ``max_rounds``; the
     final round runs paused. Any failure before the handover aborts both sides (the VM keeps
@@ -357,19 +375,24 @@ def migrate(
         _quietly(dst.abort_migration, vm_id, mid)
         _quietly(src.abort_migration, vm_id, mid)
         raise
+    # One request_id for the commit and its repeats: a repeat after a lost reply answers the
+    # first result, with the VM's token on the destination, and commits nothing twice.
+    commit_id = str(uuid.uuid4())
     try:
-        dst.commit_migration(vm_id, mid)
+        committed = dst.commit_migration(vm_id, mid, request_id=commit_id)
     except BaseException:
         if not _committed(dst, vm_id, mid):
             _quietly(dst.abort_migration, vm_id, mid)
             if not _still_incoming(dst, vm_id, mid):
                 _quietly(src.abort_migration, vm_id, mid)
             raise
+        # The destination owns the VM: its answer (the token) is remembered under commit_id.
+        committed = dst.commit_migration(vm_id, mid, request_id=commit_id)
     report("committed")
     src_result = src.complete_migration(vm_id, mid)
     report("completed")
     # The source counted every round (the destination only those that sent it chunks).
-    return src_result
+    return replace(src_result, vm_token=committed.vm_token)
 
 
 def _chunk_wire_bytes(chunk: Any) -> int:

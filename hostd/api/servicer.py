@@ -57,6 +57,7 @@ from hostd.logs import kv
 from hostd.model import Host
 from hostd.model.errors import StateUnavailableError, TagStoreError
 from hostd.model.events import EVENT_FAULT, Event
+from hostd.model.migration import MigrationRole, MigrationStatus
 from hostd.model.types import TagCopyDirection
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
@@ -812,9 +813,17 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         method: Callable[..., T],
         request: pb.MigrationStepRequest | pb.ReadMigrationChunkRequest,
+        on_success: Callable[[T], None] | None = None,
     ) -> T:
         """One step of a VM's migration: the model call on (vm_id, migration_id), now."""
-        return await self._call(context, method, request.vm_id, request.migration_id, time.time())
+        return await self._call(
+            context,
+            method,
+            request.vm_id,
+            request.migration_id,
+            time.time(),
+            on_success=on_success,
+        )
 
     @_rpc(logging.INFO)
     async def NextMigrationRound(
@@ -841,22 +850,59 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
     async def CommitMigration(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MigrationReport:
-        report = await self._migration_step(context, Host.commit_migration, request)
-        return convert.migration_report_to_proto(report)
+        vm_id, migration_id = request.vm_id, request.migration_id
+        # As CreateVm's: derived from the request_id when there is one, so that a driver whose
+        # commit reply was lost gets the same token from its retry (the remembered answer).
+        token = self._credentials.new_vm_token(vm_id, _request_id.get())
+
+        def register() -> None:
+            # Before the commit, so that a token that cannot be saved refuses it with nothing
+            # applied; only for the incoming migration that this commit will end (any other
+            # call is refused by the model and must not leave a token behind).
+            m = self.host.migrations.get(vm_id)
+            if m is None or m.migration_id != migration_id or m.role is not MigrationRole.INCOMING:
+                return
+            try:
+                self._credentials.register_vm(vm_id, token)
+            except OSError as e:
+                raise StateUnavailableError(
+                    f"the VM's token cannot be saved ({e.strerror}): the commit was not made",
+                    reason="STATE_UNWRITABLE",
+                ) from None
+
+        report = await self._call(
+            context, Host.commit_migration, vm_id, migration_id, time.time(), before=register
+        )
+        answer = convert.migration_report_to_proto(report)
+        answer.vm_token = token
+        return answer
 
     @_rpc(logging.INFO)
     async def CompleteMigration(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MigrationReport:
-        report = await self._migration_step(context, Host.complete_migration, request)
+        # The VM is gone from this host: its token is too (it runs with the destination's).
+        report = await self._migration_step(
+            context,
+            Host.complete_migration,
+            request,
+            on_success=lambda r: self._credentials.revoke_vm(r.vm_id),
+        )
         return convert.migration_report_to_proto(report)
 
     @_rpc(logging.INFO)
     async def AbortMigration(
         self, request: pb.MigrationStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MigrationStatus:
-        status = await self._migration_step(context, Host.abort_migration, request)
+        status = await self._migration_step(
+            context, Host.abort_migration, request, on_success=self._revoke_incoming
+        )
         return convert.migration_status_to_proto(status)
+
+    def _revoke_incoming(self, status: MigrationStatus) -> None:
+        """An incoming VM that was dropped takes its token (if a commit made one) with it."""
+        if status.role is MigrationRole.INCOMING:
+            self._credentials.revoke_vm(status.vm_id)
 
     @_rpc(logging.DEBUG)
     async def GetMigration(
@@ -875,6 +921,8 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
             if deadline is None or deadline >= now:
                 return 0
             result, _ = self._locked(Host.expire_migrations, (now,), None, "")
+            for status in result:
+                self._revoke_incoming(status)
             return len(result)
 
     # -- host page migration

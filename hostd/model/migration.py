@@ -57,7 +57,7 @@ from hostd.model.errors import (
     TagStoreError,
 )
 from hostd.model.events import EVENT_MIGRATION_PHASE, Event
-from hostd.model.physmem import TG_FREE, TG_TAGGED, TS_FREE, UT_FREE
+from hostd.model.physmem import TG_FREE, TG_TAGGED
 from hostd.model.types import (
     BOOT_RAM_GPA,
     MTE_GRANULE_BYTES,
@@ -232,6 +232,7 @@ class MigrationState:
     deadline: float
     timeout_seconds: float
     started_at: float = 0.0
+    phase_started_at: float = 0.0
     round: int = 1
     chunks: int = 0
     wire_bytes: int = 0
@@ -246,6 +247,10 @@ class MigrationState:
     staged_offs: list[IndexArray] = field(default_factory=list)
     staged_nonzero: list[npt.NDArray[np.bool_]] = field(default_factory=list)
     staged_rows: list[npt.NDArray[np.uint8]] = field(default_factory=list)
+    # Destination: plugged pages the source has not mapped, backed at admission so that the
+    # lease holds them (None on the source). A chunk that describes a page settles it; what is
+    # still held at commit the source never mapped, and goes back to the host.
+    held: npt.NDArray[np.bool_] | None = None
 
     def status(self) -> MigrationStatus:
         return MigrationStatus(
@@ -268,7 +273,10 @@ class MigrationState:
 
 def pack_tags(rows: npt.NDArray[np.uint8]) -> bytes:
     """One-tag-per-byte rows (``KVM_ARM_MTE_COPY_TAGS`` layout) to 4 bits per granule."""
-    return (rows[:, 0::2] | (rows[:, 1::2] << 4)).astype(np.uint8).tobytes()
+    # Each pair of tags read as one little-endian 16-bit word ``lo + 256 * hi``: since tags are
+    # 0..15, the low byte of ``w | w >> 4`` is ``lo | hi << 4``. Contiguous passes, not strided.
+    pairs = np.ascontiguousarray(rows).view("<u2")
+    return (pairs | (pairs >> 4)).astype(np.uint8).tobytes()
 
 
 def unpack_tags(data: bytes, nr_pages: int, tags_per_page: int) -> npt.NDArray[np.uint8]:
@@ -320,6 +328,9 @@ class HostMigration:
         def _emit(self, event: Event) -> None: ...
         def _fault(self, vm: Vm, offs: IndexArray, access: Access) -> Any: ...
         def _unmap(self, vm: Vm, offs: IndexArray) -> None: ...
+        def _back(self, vm: Vm, offs: IndexArray) -> None: ...
+        @staticmethod
+        def _untagged_pool(config: VmConfig) -> int: ...
         def create_vm(self, config: VmConfig) -> VmStatus: ...
         def destroy_vm(self, vm_id: str) -> VmStatus: ...
 
@@ -418,10 +429,17 @@ class HostMigration:
         key = (m.role.value, outcome.value)
         c.add(c.migrations, key)
         if now is not None:
-            c.migration_seconds[key] = c.migration_seconds.get(key, 0.0) + max(
-                0.0, now - m.started_at
-            )
+            c.observe(c.migration_seconds, key, now - m.started_at)
+            self._phase_ended(m, now)
         self._phase_event(m, outcome.value.upper())
+
+    def _phase_ended(self, m: MigrationState, now: float) -> None:
+        """Count how long ``m`` spent in its current phase; the next one starts ``now``."""
+        c = self.counters
+        c.observe(
+            c.migration_phase_seconds, (m.role.value, m.phase.value), now - m.phase_started_at
+        )
+        m.phase_started_at = now
 
     def get_migration(self, vm_id: str) -> MigrationStatus:
         """The migration of ``vm_id`` on this host (NOT_FOUND if none)."""
@@ -474,6 +492,7 @@ class HostMigration:
             now + timeout_seconds,
             timeout_seconds,
             started_at=now,
+            phase_started_at=now,
             dirty=np.zeros(vm.stage2.size, dtype=bool),
             round_offs=offs,
         )
@@ -507,28 +526,36 @@ class HostMigration:
         packed_per_page = ps // MTE_GRANULE_BYTES // 2
         offs = m.round_offs[m.cursor : m.cursor + CHUNK_MAX_PAGES]
         # Bound the window too, so that the present bitmap stays small on sparse rounds.
-        offs = offs[offs < offs[0] + 8 * CHUNK_MAX_PAGES]
+        offs = offs[: np.searchsorted(offs, offs[0] + 8 * CHUNK_MAX_PAGES)]
         s2 = vm.stage2[offs].astype(np.int64)
         is_mapped = s2 != 0
-        pages = s2[is_mapped] - 1
         is_tagged = np.zeros(offs.size, dtype=bool)
-        is_tagged[is_mapped] = mem.flags[pages] == TG_TAGGED
+        is_tagged[is_mapped] = mem.flags[s2[is_mapped] - 1] == TG_TAGGED
+        # Only tagged pages can have tags to send: stop looking where the tagged pages alone
+        # could fill the chunk four times over, so that a densely tagged window does not search
+        # the tag store for pages that the byte bound then cuts off (a chunk of a window whose
+        # tagged pages are mostly all-zero just ends sooner).
+        tagged_cum = np.cumsum(is_tagged)
+        enough = 4 * CHUNK_MAX_TAG_BYTES // packed_per_page
+        if int(tagged_cum[-1]) > enough:
+            end = max(1, int(np.searchsorted(tagged_cum, enough, side="right")))
+            offs, s2, is_mapped, is_tagged = offs[:end], s2[:end], is_mapped[:end], is_tagged[:end]
         # The tag store keeps only pages with a non-zero tag: which pages those are is a
-        # lookup, so only their rows are ever read.
+        # lookup, and the same lookup finds their rows.
+        tagged_idx = np.flatnonzero(is_tagged)
+        pos, stored = mem.tags.locate(s2[tagged_idx] - 1)
         nonzero_all = np.zeros(offs.size, dtype=bool)
-        stored = mem.tags.pages
-        if stored.size:
-            tagged_pages = s2[is_tagged] - 1
-            pos = np.minimum(np.searchsorted(stored, tagged_pages), stored.size - 1)
-            nonzero_all[is_tagged] = stored[pos] == tagged_pages
+        nonzero_all[tagged_idx[stored]] = True
         # Cut where the packed tags would exceed the chunk's byte bound (at least one page).
         tag_bytes_cum = np.cumsum(nonzero_all) * packed_per_page
         cut = max(1, int(np.searchsorted(tag_bytes_cum, CHUNK_MAX_TAG_BYTES, side="right")))
         if cut < offs.size:
             offs, is_mapped, is_tagged = offs[:cut], is_mapped[:cut], is_tagged[:cut]
             nonzero_all, s2 = nonzero_all[:cut], s2[:cut]
+            keep = tagged_idx < cut
+            pos, stored = pos[keep], stored[keep]
         nonzero_t = nonzero_all[is_tagged]
-        rows = mem.tags.read(s2[nonzero_all] - 1)
+        rows = mem.tags.rows_at(pos[stored])
         first = int(offs[0])
         span = int(offs[-1]) - first + 1
         present = np.zeros(span, dtype=bool)
@@ -578,6 +605,7 @@ class HostMigration:
         refused (FAILED_PRECONDITION), so the dirty set can only shrink to empty."""
         m = self._migration(vm_id, migration_id)
         self._require_phase(m, MigrationPhase.PRECOPY)
+        self._phase_ended(m, now)
         m.phase = MigrationPhase.PAUSED
         m.deadline = now + m.timeout_seconds
         self._phase_event(m, m.phase.value)
@@ -597,6 +625,7 @@ class HostMigration:
                 migration_id=migration_id,
                 nr_pages=left,
             )
+        self._phase_ended(m, now)
         m.phase = MigrationPhase.HANDOVER
         m.deadline = now + m.timeout_seconds
         self._phase_event(m, m.phase.value)
@@ -623,7 +652,9 @@ class HostMigration:
         Admission creates the VM (phase INCOMING: it does not run here yet) with the source's
         layout, and backs every page the source has mapped — tagged pages with reserved tag
         storage — through the host's own fault path, so that tags can later be written without
-        any allocation. Plugged pages the source has not mapped must fit in what is left.
+        any allocation. Plugged pages the source has not mapped are backed too, as the VM's
+        policy backs a fault, so that the lease holds them (``MigrationState.held``); commit
+        gives back those the source never mapped, abort and expiry everything.
         Refusal is RESOURCE_EXHAUSTED naming the resource and how many bytes are short. The
         lease ends the incoming migration (:meth:`expire_migrations`) unless renewed by
         every call of the migration."""
@@ -656,7 +687,11 @@ class HostMigration:
         tagged = _unbits(_inflate(manifest.tagged, "tagged", nbytes), span, "tagged")
         if (tagged & ~mapped).any():
             raise InvalidArgumentError("tagged", "bitmap", "marks pages that are not mapped")
-        self._admission_check(manifest, mapped, tagged)
+        try:
+            self._admission_check(manifest, mapped, tagged)
+        except ResourceExhaustedError:
+            self.counters.add(self.counters.migrations, (MigrationRole.INCOMING.value, "refused"))
+            raise
         self.create_vm(cfg)
         vm = self._vm(cfg.vm_id)
         try:
@@ -666,6 +701,15 @@ class HostMigration:
             if (mapped & ~plugged).any():
                 raise InvalidArgumentError("mapped", "bitmap", "marks pages that are not plugged")
             self._back_pages(vm, np.flatnonzero(mapped & ~tagged), np.flatnonzero(tagged))
+            # Every other plugged page is backed too, as the VM's policy would back it at a
+            # fault (taggable and reserved for an MTE guest tagged at fault): the source's guest
+            # may touch any of them during pre-copy, and the lease must hold what a chunk will
+            # need, or a second admission or another VM's faults could take it meanwhile. An
+            # EAGER VM's boot RAM is already backed by create_vm.
+            held = plugged & ~mapped
+            to_back = np.flatnonzero(held & (vm.stage2 == 0)).astype(np.int64)
+            if to_back.size:
+                self._back(vm, to_back)
         except TagStoreError as error:
             self.destroy_vm(cfg.vm_id)
             self.counters.add(self.counters.migrations, (MigrationRole.INCOMING.value, "refused"))
@@ -680,6 +724,8 @@ class HostMigration:
             now + lease_seconds,
             lease_seconds,
             started_at=now,
+            phase_started_at=now,
+            held=held,
         )
         self.migrations[cfg.vm_id] = m
         self._phase_event(m, m.phase.value)
@@ -691,24 +737,23 @@ class HostMigration:
         mapped: npt.NDArray[np.bool_],
         tagged: npt.NDArray[np.bool_],
     ) -> None:
-        """Refuse, before anything changes, when the pages cannot fit at all."""
+        """Refuse, before anything changes, when the pages the lease must hold cannot fit: every
+        plugged page, tagged (with tag storage) where the source has it tagged or the policy
+        tags at fault, untagged otherwise, from the pool the VM's untagged pages may use."""
         ps = self.page_size
         mem = self.mem
         cfg = manifest.config
         nr_tagged = int(tagged.sum())
         nr_untagged = int(mapped.sum()) - nr_tagged
-        unmapped_plugged = max(0, manifest.plugged_bytes // ps - nr_tagged - nr_untagged)
-        mte_tagged_later = cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
-        if cfg.mte_enabled:
-            need_tagged = nr_tagged + (unmapped_plugged if mte_tagged_later else 0)
+        nr_held = max(0, manifest.plugged_bytes // ps - nr_tagged - nr_untagged)
+        tagged_at_fault = cfg.mte_enabled and cfg.tag_policy is not TagPolicy.ON_TAG_ACCESS
+        need_tagged = nr_tagged + (nr_held if tagged_at_fault else 0)
+        need_untagged = nr_untagged + (0 if tagged_at_fault else nr_held)
+        if need_tagged:
             _require(RESOURCE_TAGGABLE_MEMORY, need_tagged, mem.free_pages(TG_FREE), ps)
-            need_any = need_tagged + nr_untagged + (0 if mte_tagged_later else unmapped_plugged)
-            avail = mem.free_pages(TG_FREE) + (0 if mem.static else mem.free_pages(TS_FREE))
-        else:
-            need_any = nr_untagged + unmapped_plugged
-            avail = mem.free_pages(UT_FREE) + mem.free_pages(TG_FREE)
-            avail += 0 if mem.static else mem.free_pages(TS_FREE)
-        _require(RESOURCE_MEMORY, need_any, avail, ps)
+        # Taggable memory is in every pool, so tagged pages count against the pool too.
+        pool_pages = mem.untagged_capacity(self._untagged_pool(cfg))
+        _require(RESOURCE_MEMORY, need_tagged + need_untagged, pool_pages, ps)
 
     def _recreate_devices(self, vm: Vm, manifest: MigrationManifest) -> None:
         """The source's memory devices at the source's addresses (not re-placed: a layout with
@@ -808,6 +853,8 @@ class HostMigration:
         )
         self._unmap(vm, offs[drop])
         self._back_pages(vm, offs[drop & want_mapped & ~want_tagged], offs[drop & want_tagged])
+        if m.held is not None:
+            m.held[offs] = False  # the source's state of these pages is known now
         m.staged_offs.append(offs[want_tagged])
         m.staged_nonzero.append(nonzero)
         m.staged_rows.append(rows)
@@ -866,6 +913,11 @@ class HostMigration:
         m = self._migration(vm_id, migration_id)
         self._require_phase(m, MigrationPhase.INCOMING)
         vm = self._vm(vm_id)
+        if m.held is not None:
+            # Held pages no chunk described: the source never mapped them, so neither does
+            # the VM here (its plugged blocks are backed as on any host from now on).
+            self._unmap(vm, np.flatnonzero(m.held).astype(np.int64))
+            m.held = None
         if m.staged_offs:
             offs = np.concatenate(m.staged_offs)
             nonzero = np.concatenate(m.staged_nonzero)
@@ -943,6 +995,11 @@ class HostMigration:
                 out.append(f"migration {m.migration_id!r}: round beyond the guest's memory")
             if not 0 <= m.cursor <= m.round_offs.size:
                 out.append(f"migration {m.migration_id!r}: cursor {m.cursor} out of its round")
+            if m.held is not None:
+                if m.held.size != vm.stage2.size:
+                    out.append(f"migration {m.migration_id!r}: held bitmap of the wrong size")
+                elif not (vm.stage2[m.held] != 0).all():
+                    out.append(f"migration {m.migration_id!r}: a held page is not backed")
         return out
 
     # ------------------------------------------------------------- persistence
@@ -959,6 +1016,7 @@ class HostMigration:
                 "deadline": m.deadline,
                 "timeout_seconds": m.timeout_seconds,
                 "started_at": m.started_at,
+                "phase_started_at": m.phase_started_at,
                 "round": m.round,
                 "chunks": m.chunks,
                 "wire_bytes": m.wire_bytes,
@@ -968,6 +1026,8 @@ class HostMigration:
             if m.dirty is not None:
                 arrays[f"mig{i}_dirty"] = m.dirty.copy()
             arrays[f"mig{i}_round_offs"] = m.round_offs.copy()
+            if m.held is not None:
+                arrays[f"mig{i}_held"] = m.held.copy()
             if m.staged_offs:
                 arrays[f"mig{i}_staged_offs"] = np.concatenate(m.staged_offs)
                 arrays[f"mig{i}_staged_nonzero"] = np.concatenate(m.staged_nonzero)
@@ -988,6 +1048,7 @@ class HostMigration:
                 float(d["deadline"]),
                 float(d["timeout_seconds"]),
                 started_at=float(d.get("started_at", 0.0)),
+                phase_started_at=float(d.get("phase_started_at", d.get("started_at", 0.0))),
                 round=d["round"],
                 chunks=d["chunks"],
                 wire_bytes=d["wire_bytes"],
@@ -997,6 +1058,8 @@ class HostMigration:
             if f"mig{i}_dirty" in arrays:
                 m.dirty = arrays[f"mig{i}_dirty"].astype(bool)
             m.round_offs = arrays[f"mig{i}_round_offs"].astype(np.int64)
+            if f"mig{i}_held" in arrays:
+                m.held = arrays[f"mig{i}_held"].astype(bool)
             if f"mig{i}_staged_offs" in arrays:
                 m.staged_offs = [arrays[f"mig{i}_staged_offs"].astype(np.int64)]
                 m.staged_nonzero = [arrays[f"mig{i}_staged_nonzero"].astype(bool)]

@@ -48,6 +48,18 @@ class TagContents:
             out[hit] = self._tags[pos_clip[hit]]
         return out
 
+    def locate(self, pages: IndexArray) -> tuple[IndexArray, npt.NDArray[np.bool_]]:
+        """Where ``pages`` are stored: positions for :meth:`rows_at`, and which are stored at
+        all (the others have all-zero tags). One search serves both questions."""
+        if not self._pages.size or not pages.size:
+            return np.zeros(pages.size, np.int64), np.zeros(pages.size, dtype=bool)
+        pos = np.minimum(np.searchsorted(self._pages, pages), self._pages.size - 1)
+        return pos, self._pages[pos] == pages
+
+    def rows_at(self, positions: IndexArray) -> npt.NDArray[np.uint8]:
+        """The stored tag rows at ``positions`` (from :meth:`locate`, where it found a page)."""
+        return self._tags[positions]
+
     def write(self, pages: IndexArray, tags: npt.NDArray[np.uint8]) -> None:
         """Set the tags of ``pages`` (unique) to ``tags`` rows; all-zero rows are not stored."""
         self.discard(pages)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 _K = TypeVar("_K")
 
@@ -346,22 +346,42 @@ LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
 )  # fmt: skip
 
 
+# A live migration takes seconds to many minutes; its paused phase (the guest's downtime) can
+# take milliseconds: 10 ms .. 1 h.
+MIGRATION_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
+    1000.0, 3600.0,
+)  # fmt: skip
+
+
 @dataclass
 class LatencyHistogram:
-    """Counts of durations per bucket (upper bounds in ``LATENCY_BUCKETS_SECONDS``, plus one
-    overflow bucket) and their sum: what a Prometheus histogram needs, kept by the model so
-    that a fault pays a bisect and two additions for it, not a metrics call."""
+    """Counts of durations per bucket (upper bounds in ``bounds``, plus one overflow bucket)
+    and their sum: what a Prometheus histogram needs, kept by the model so that a fault pays a
+    bisect and two additions for it, not a metrics call."""
 
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_SECONDS) + 1))
+    bounds: ClassVar[tuple[float, ...]] = LATENCY_BUCKETS_SECONDS
+    counts: list[int] = field(default_factory=list)
     sum_seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_SECONDS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.sum_seconds += seconds
 
     @property
     def count(self) -> int:
         return sum(self.counts)
+
+
+@dataclass
+class DurationHistogram(LatencyHistogram):
+    """A :class:`LatencyHistogram` over ``MIGRATION_BUCKETS_SECONDS`` (live migrations)."""
+
+    bounds: ClassVar[tuple[float, ...]] = MIGRATION_BUCKETS_SECONDS
 
 
 def _plain(value: object) -> object:
@@ -395,7 +415,18 @@ class HostCounters:
     migrations: dict[tuple[str, str], int] = field(default_factory=dict)  # (role, outcome)
     migration_bytes: dict[str, int] = field(default_factory=dict)  # role: bytes on the wire
     migration_rounds: int = 0  # pre-copy rounds started after the first
-    migration_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # as migrations
+    # Durations from start (source) or admission (destination) to the end, by (role, outcome),
+    # and of each phase, by (role, phase).
+    migration_seconds: dict[tuple[str, str], DurationHistogram] = field(default_factory=dict)
+    migration_phase_seconds: dict[tuple[str, str], DurationHistogram] = field(default_factory=dict)
+
+    @staticmethod
+    def observe(table: dict[_K, DurationHistogram], key: _K, seconds: float) -> None:
+        """Count ``seconds`` in ``table[key]`` (histograms appear on first use)."""
+        histogram = table.get(key)
+        if histogram is None:
+            histogram = table[key] = DurationHistogram()
+        histogram.observe(max(0.0, seconds))
 
     def to_doc(self) -> dict[str, object]:
         """A JSON-serialisable form (tuple keys become lists)."""
@@ -416,12 +447,17 @@ class HostCounters:
         for name, value in doc.items():
             current = getattr(self, name)
             if isinstance(current, LatencyHistogram):
-                setattr(self, name, LatencyHistogram(list(value["counts"]), value["sum_seconds"]))
+                setattr(self, name, type(current)(list(value["counts"]), value["sum_seconds"]))
             elif isinstance(current, dict):
                 current.clear()
+                kind = _HISTOGRAM_TABLES.get(name)
                 for *key, v in value:
                     k = tuple(key) if len(key) > 1 else key[0]
-                    current[k] = LatencyHistogram(**v) if isinstance(v, dict) else v
+                    if kind is None:
+                        current[k] = v
+                    elif isinstance(v, dict) and len(v["counts"]) == len(kind.bounds) + 1:
+                        current[k] = kind(list(v["counts"]), v["sum_seconds"])
+                    # else: a table of an older format (summed seconds): not restorable
             else:
                 setattr(self, name, value)
 
@@ -431,6 +467,13 @@ class HostCounters:
         if n:
             table[key] = table.get(key, 0) + int(n)
 
+
+# The counter tables whose values are histograms, and of which kind.
+_HISTOGRAM_TABLES: dict[str, type[LatencyHistogram]] = {
+    "fault_seconds": LatencyHistogram,
+    "migration_seconds": DurationHistogram,
+    "migration_phase_seconds": DurationHistogram,
+}
 
 # Cache maintenance kinds (docs/domain.md, "MTE and tag storage").
 DCACHE_INVALIDATE = "dcache_invalidate"  # over the tag block, when it is reserved

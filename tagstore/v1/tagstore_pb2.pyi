@@ -831,7 +831,7 @@ class MigrationStatus(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., role: _Optional[_Union[MigrationRole, str]] = ..., phase: _Optional[_Union[MigrationPhase, str]] = ..., round: _Optional[int] = ..., round_pages_left: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., chunks: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., tag_bytes: _Optional[int] = ..., deadline_unix_seconds: _Optional[float] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
-    __slots__ = ("migration_id", "vm_id", "rounds", "wire_bytes", "tag_bytes", "mapped_bytes", "tagged_bytes")
+    __slots__ = ("migration_id", "vm_id", "rounds", "wire_bytes", "tag_bytes", "mapped_bytes", "tagged_bytes", "vm_token")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -839,6 +839,7 @@ class MigrationReport(_message.Message):
     TAG_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TAGGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     vm_id: str
     rounds: int
@@ -846,7 +847,8 @@ class MigrationReport(_message.Message):
     tag_bytes: int
     mapped_bytes: int
     tagged_bytes: int
-    def __init__(self, migration_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., rounds: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., tag_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ...) -> None: ...
+    vm_token: str
+    def __init__(self, migration_id: _Optional[str] = ..., vm_id: _Optional[str] = ..., rounds: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., tag_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., tagged_bytes: _Optional[int] = ..., vm_token: _Optional[str] = ...) -> None: ...
 
 class CompactTagRegionRequest(_message.Message):
     __slots__ = ("region", "request_id")

@@ -406,14 +406,17 @@ class TagStorageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CommitMigration(self, request, context):
-        """Destination: takes ownership: received tags are written and the VM runs here.
+        """Destination: takes ownership: received tags are written and the VM runs here. The answer
+        carries the VM's token on this host (`vm_token`, as CreateVm's `Vm.vm_token`): the VMM
+        continues with it here. Derived from the request_id, so a retry answers the same token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CompleteMigration(self, request, context):
-        """Source: the destination committed: releases every page, tag and tag block of the VM.
+        """Source: the destination committed: releases every page, tag and tag block of the VM, and
+        revokes the VM's token on this host.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -421,7 +424,7 @@ class TagStorageServicer:
 
     def AbortMigration(self, request, context):
         """Either side: undoes the migration on this host (the source resumes the VM, the destination
-        drops it and everything reserved for it).
+        drops it and everything reserved for it, its token included).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -171,6 +171,102 @@ def test_admission_short_of_taggable_memory_is_refused_naming_the_shortfall() ->
     assert_sound(src)
 
 
+def sparse_vm(host: Host, vm_id: str, plugged: int) -> int:
+    """An ON_FAULT MTE VM with ``plugged`` bytes of virtio-mem plugged (no prealloc) but only
+    16 MiB of it (and 16 MiB of boot RAM) mapped. Returns the device's gpa."""
+    host.create_vm(
+        VmConfig(
+            vm_id, True, TagPolicy.ON_FAULT, boot_memory_bytes=64 * MiB, max_memory_bytes=8 * GiB
+        )
+    )
+    gpa = host.add_virtio_mem(vm_id, "vmem0", VirtioMemConfig(4 * GiB, 2 * MiB, plugged)).gpa
+    answer = host.virtio_mem_request(
+        vm_id, "vmem0", VirtioMemRequestType.PLUG, gpa, plugged // (2 * MiB)
+    )
+    assert VirtioMemResponse.ACK == answer.response
+    host.guest_fault(vm_id, BOOT_RAM_GPA, 16 * MiB, Access.WRITE)
+    host.guest_fault(vm_id, gpa, 16 * MiB, Access.WRITE)
+    return gpa
+
+
+def test_admission_that_fits_the_mapped_pages_but_not_the_plugged_blocks_is_refused() -> None:
+    """Plugged blocks the source has not mapped yet count like mapped ones: a destination that
+    could back the 32 MiB mapped but not the 1.5 GiB plugged refuses, naming the shortfall."""
+    src, dst = new_host(8 * GiB), new_host(1 * GiB)
+    sparse_vm(src, "vm", 3 * GiB // 2)
+    manifest = src.start_migration("vm", MIG, T0, TIMEOUT)
+    free_taggable = dst.mem.free_pages(4) * dst.page_size
+    before = snapshot(dst)
+    with pytest.raises(ResourceExhaustedError) as refusal:
+        dst.admit_migration(manifest, T0, TIMEOUT)
+    meta = refusal.value.metadata
+    assert "taggable_memory" == refusal.value.resource
+    assert 64 * MiB + 3 * GiB // 2 == int(meta["needed_bytes"], 0)
+    assert free_taggable == int(meta["available_bytes"], 0)
+    assert 64 * MiB + 3 * GiB // 2 - free_taggable == int(meta["short_bytes"], 0)
+    assert_unchanged(dst, before)
+    assert 1 == dst.counters.migrations[("INCOMING", "refused")]
+
+
+def test_the_lease_holds_every_plugged_block_until_abort_or_expiry() -> None:
+    """Admission backs the plugged blocks the source has not mapped: while the lease runs no
+    other VM can take that memory, pages the guest maps during pre-copy arrive without a new
+    allocation, and abort or expiry give all of it back."""
+    src, dst = new_host(8 * GiB), new_host(4 * GiB)
+    gpa = sparse_vm(src, "vm", GiB)
+    dst_before = snapshot(dst)
+    free_before = dst.status().usage
+    # A VM that fits in the taggable memory the destination has now, but not beside the lease.
+    fits_now = (dst.mem.free_pages(4) * dst.page_size - 512 * MiB) // (2 * MiB) * (2 * MiB)
+    other = VmConfig("other", True, TagPolicy.EAGER, boot_memory_bytes=fits_now)
+    for ending in ("abort", "expiry"):
+        dst.admit_migration(src.start_migration("vm", MIG, T0, TIMEOUT), T0, TIMEOUT)
+        held = free_before.free_bytes - dst.status().usage.free_bytes
+        assert 64 * MiB + GiB <= held  # every plugged page, not only the 32 MiB mapped
+        assert_sound(dst)
+        with pytest.raises(ResourceExhaustedError):
+            dst.create_vm(other)
+        assert "other" not in dst.vms
+        send_round(src, dst, "vm")
+        src.guest_fault("vm", gpa + 512 * MiB, 8 * MiB, Access.WRITE)  # plugged, not mapped
+        src.next_migration_round("vm", MIG, T0)
+        usage = dst.status().usage
+        send_round(src, dst, "vm")
+        assert usage == dst.status().usage  # the held pages became the guest's pages
+        if ending == "abort":
+            dst.abort_migration("vm", MIG)
+        else:
+            assert ["vm"] == [m.vm_id for m in dst.expire_migrations(T0 + 2 * TIMEOUT)]
+        src.abort_migration("vm", MIG)
+        assert_unchanged(dst, dst_before)
+        assert_sound(dst)
+    dst.create_vm(other)
+    dst.destroy_vm("other")
+
+
+def test_commit_gives_back_the_held_pages_the_source_never_mapped() -> None:
+    """After commit the destination maps exactly what the source mapped: the plugged blocks
+    it held for the lease and no chunk described go back to the host."""
+    src, dst = new_host(8 * GiB), new_host(4 * GiB)
+    gpa = sparse_vm(src, "vm", GiB)
+    free_before = dst.status().usage.free_bytes
+    manifest = src.start_migration("vm", MIG, T0, TIMEOUT)
+    dst.admit_migration(manifest, T0, TIMEOUT)
+    send_round(src, dst, "vm")
+    src.guest_fault("vm", gpa + 512 * MiB, 8 * MiB, Access.WRITE)
+    src.pause_migration("vm", MIG, T0)
+    src.next_migration_round("vm", MIG, T0)
+    send_round(src, dst, "vm")
+    src.handover_migration("vm", MIG, T0)
+    before = view(src, "vm")
+    dst.commit_migration("vm", MIG)
+    src.complete_migration("vm", MIG)
+    assert before == view(dst, "vm")
+    assert 40 * MiB == dst.get_vm("vm").mapped_bytes
+    assert free_before - dst.status().usage.free_bytes < 64 * MiB
+    assert_sound(dst)
+
+
 def test_chunk_with_bad_checksum_is_refused_and_changes_nothing() -> None:
     """A damaged chunk is refused (INVALID_ARGUMENT on ``checksum``) and the destination keeps
     expecting it: the same chunk resent intact is applied."""
