@@ -326,7 +326,7 @@ class _Crc32Writer:
         self.crc = 0
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         return self._f.write(data)
@@ -368,7 +368,7 @@ def _write_snapshot(
         file_name = f"{i:04d}.npy"
         with open(tmp / "arrays" / file_name, "wb") as f:
             writer = _Crc32Writer(f)
-            np.save(writer, array, allow_pickle=False)
+            _write_npy(writer, array)
             f.flush()
             os.fsync(f.fileno())
         files[name] = {"file": file_name, "crc32": writer.crc, "size": writer.size}
@@ -385,6 +385,18 @@ def _write_snapshot(
     os.rename(tmp, state_dir / _snapshot_name(generation))
     _fsync_dir(state_dir)
     return meta_crc
+
+
+def _write_npy(writer: _Crc32Writer, array: npt.NDArray[Any]) -> None:
+    """``np.save`` of ``array`` in the ``.npy`` format, its data written a chunk at a time
+    straight from the array's memory: np.save to a non-file object copies each chunk twice
+    (a buffered iterator, then ``tobytes``), and a whole-array copy is out of the question."""
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)  # never one of the host's large arrays
+    np.lib.format.write_array_header_1_0(writer, np.lib.format.header_data_from_array_1_0(array))
+    data = array.reshape(-1).view(np.uint8).data
+    for start in range(0, len(data), _READ_CHUNK_BYTES):
+        writer.write(data[start : start + _READ_CHUNK_BYTES])
 
 
 def _read_sealed_file(path: Path, what: str) -> Any:
@@ -479,17 +491,35 @@ class _NpyFile:
         self._next = 0  # elements read in order so far (-1: read out of order)
 
     def _read(self, start: int, count: int) -> npt.NDArray[Any]:
-        data = np.fromfile(
-            self.path, self.dtype, count, offset=self.offset + start * self.dtype.itemsize
-        )
-        if data.size != count:
-            raise ValueError(f"{self.path}: {data.size} of {count} elements")
+        data = np.empty(count, self.dtype)
+        self.read_into(start, data)
+        return data
+
+    def read_into(self, start: int, out: npt.NDArray[Any]) -> None:
+        """Read elements ``start .. start + out.size`` straight into ``out`` (1-D, contiguous,
+        of this dtype): the model's own array, so a restore needs no temporary at all."""
+        if out.dtype != self.dtype or out.ndim != 1 or not out.flags.c_contiguous:
+            raise ValueError(f"{self.path}: cannot read {self.dtype} elements into {out.dtype}")
+        if start < 0 or start + out.size > self.size:
+            raise ValueError(f"{self.path}: elements {start}..{start + out.size} of {self.size}")
+        buffer = out.view(np.uint8).data
+        done = 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start * self.dtype.itemsize)
+            while done < len(buffer):
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise ValueError(f"{self.path}: {done} of {len(buffer)} bytes (truncated)")
+                done += n
         if start == self._next:
-            self._crc = zlib.crc32(data.data, self._crc)
-            self._next += count
+            self._crc = zlib.crc32(buffer, self._crc)
+            self._next += out.size
         else:
             self._next = -1
-        return data
+
+    def astype(self, dtype: Any) -> npt.NDArray[Any]:
+        """The whole array as ``dtype`` (the small arrays of a migration in progress)."""
+        return np.asarray(self).astype(dtype, copy=False)
 
     def __getitem__(self, key: slice) -> npt.NDArray[Any]:
         if len(self.shape) != 1:
@@ -499,9 +529,9 @@ class _NpyFile:
             return np.asarray(self)[key]
         return self._read(start, max(0, stop - start))
 
-    def __array__(self, dtype: Any = None) -> npt.NDArray[Any]:
+    def __array__(self, dtype: Any = None, copy: Any = None) -> npt.NDArray[Any]:
         data = self._read(0, self.size).reshape(self.shape)
-        return data if dtype is None else data.astype(dtype)
+        return data if dtype is None else data.astype(dtype, copy=False)
 
     def verify(self) -> None:
         """Raise StateError unless the file's checksum is the recorded one."""
@@ -789,17 +819,25 @@ class Store:
         return total, chain[-1]
 
     def _replay(self, journal: Path, *, last: bool, repair: bool) -> int:
-        data = journal.read_bytes()
-        lines = data.split(b"\n")
-        torn = lines.pop()  # a complete journal ends with "\n", leaving b""
-        if torn and not last:
-            raise StateError(
-                f"{journal}: ends in an incomplete record but is not the last journal; "
-                f"{_WHAT_TO_DO}"
-            )
+        with open(journal, "rb") as f:
+            return self._replay_lines(journal, f, last=last, repair=repair)
+
+    def _replay_lines(self, journal: Path, f: BinaryIO, *, last: bool, repair: bool) -> int:
+        # Line by line, not the whole file at once: a journal may grow to
+        # snapshot_journal_bytes, and its bytes plus their split would be a temporary of
+        # that size twice over.
         pending: tuple[int, dict[str, Any]] | None = None
         count = 0
-        for number, line in enumerate(lines, start=1):
+        number = 0
+        good = 0  # bytes of complete records
+        torn = b""
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                torn = raw  # only the end of the file can lack its newline
+                break
+            number += 1
+            good += len(raw)
+            line = raw[:-1]
             try:
                 entry = unseal(line)
                 if entry["seq"] != number:
@@ -824,7 +862,11 @@ class Store:
             if pending is not None:
                 count += self._apply(journal, *pending, expect_raise=False)
             pending = (number, entry)
-        good = len(data) - len(torn)
+        if torn and not last:
+            raise StateError(
+                f"{journal}: ends in an incomplete record but is not the last journal; "
+                f"{_WHAT_TO_DO}"
+            )
         if pending is not None:
             if last:
                 # Its answer was never sent if it raised: no abort was written before the end.
@@ -839,7 +881,7 @@ class Store:
             logger.warning(kv("journal_torn_tail_dropped", journal=journal, bytes=len(torn)))
             if repair and good >= 0:
                 os.truncate(journal, good)
-        self._seq = len(lines) + (1 if good == -1 else 0)
+        self._seq = number + (1 if good == -1 else 0)
         return count
 
     def _append_repair(self, journal: Path, good: int, seq: int) -> None:

@@ -95,7 +95,7 @@ RESERVE_TRIES = 3
 SCAN_WINDOW_MIN = 1 << 14
 NO_OWNER = 0
 # Pages per step when counts are rebuilt from the flags: bounds the temporaries of a restore.
-REBUILD_CHUNK_PAGES = 1 << 22
+REBUILD_CHUNK_PAGES = 1 << 18
 
 
 @dataclass(eq=False)
