@@ -76,7 +76,14 @@ class Daemon:
         t0 = time.perf_counter()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, stderr=log)
-        with grpc.insecure_channel(self.address) as channel:
+        # Without these, the channel backs off exponentially (1 s, 1.6 s, 2.6 s, ...) while the
+        # socket does not exist yet, and the figure would be the client's backoff schedule.
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 20),
+            ("grpc.min_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 20),
+        ]
+        with grpc.insecure_channel(self.address, options=options) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
