@@ -57,6 +57,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -489,6 +490,10 @@ class _NpyFile:
         self.dtype = np.dtype(dtype)
         self.size = int(np.prod(shape, dtype=np.int64))
         self._next = 0  # elements read in order so far (-1: read out of order)
+        # One worker thread that checksums what was read while the next chunk is read
+        # (zlib and file reads release the GIL): set by _restore.
+        self.checksummer: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     def _read(self, start: int, count: int) -> npt.NDArray[Any]:
         data = np.empty(count, self.dtype)
@@ -512,10 +517,16 @@ class _NpyFile:
                     raise ValueError(f"{self.path}: {done} of {len(buffer)} bytes (truncated)")
                 done += n
         if start == self._next:
-            self._crc = zlib.crc32(buffer, self._crc)
             self._next += out.size
+            if self.checksummer is None:
+                self._update_crc(buffer)
+            else:
+                self._pending = self.checksummer.submit(self._update_crc, buffer)
         else:
             self._next = -1
+
+    def _update_crc(self, data: memoryview) -> None:
+        self._crc = zlib.crc32(data, self._crc)
 
     def astype(self, dtype: Any) -> npt.NDArray[Any]:
         """The whole array as ``dtype`` (the small arrays of a migration in progress)."""
@@ -535,6 +546,8 @@ class _NpyFile:
 
     def verify(self) -> None:
         """Raise StateError unless the file's checksum is the recorded one."""
+        if self._pending is not None:
+            self._pending.result()  # the worker checksums in order: this one was last
         crc = self._crc if self._next == self.size else _file_crc32(self.path)[0]
         if crc != self._expected_crc:
             raise StateError(
@@ -546,16 +559,19 @@ def _restore(state: HostState, path: Path) -> Host:
     """The host of a snapshot, every array's checksum verified."""
     arrays: list[Any] = list(state.arrays.values())
     files: list[_NpyFile] = [a for a in arrays if isinstance(a, _NpyFile)]
-    try:
-        host = Host.restore(state)
-    except (ValueError, KeyError, TypeError) as e:
+    with ThreadPoolExecutor(1, thread_name_prefix="hostd-restore-crc") as checksummer:
         for f in files:
-            f.verify()  # corruption is the likelier cause: say so if it is
-        raise StateError(
-            f"{path}: the snapshot does not fit this host ({e}); {_WHAT_TO_DO}"
-        ) from None
-    for f in files:
-        f.verify()
+            f.checksummer = checksummer
+        try:
+            host = Host.restore(state)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            for f in files:
+                f.verify()  # corruption is the likelier cause: say so if it is
+            raise StateError(
+                f"{path}: the snapshot does not fit this host ({e}); {_WHAT_TO_DO}"
+            ) from None
+        for f in files:
+            f.verify()
     return host
 
 
@@ -591,6 +607,8 @@ class LoadReport:
     replayed: int
     vms: int
     discarded: str = ""
+    restore_seconds: float = 0.0  # reading the snapshot, deriving the counts
+    replay_seconds: float = 0.0
 
 
 class Store:
@@ -724,6 +742,7 @@ class Store:
                 "directory (or `hostd state reset DIR` to discard it)"
             )
         generation = int(current["generation"])
+        started = time.monotonic()
         if current.get("meta_crc32") is None:
             host = Host(topology, placement)
             saved_requests: list[Any] = []
@@ -735,7 +754,9 @@ class Store:
         requests: RequestWindow = options["requests"]
         requests.load([_decode_request(r) for r in saved_requests])
         store = cls(path, host, current, **options)
+        restored = time.monotonic()
         replayed, last = store._replay_chain(generation, repair=True)
+        replay_seconds = time.monotonic() - restored
         store._clean_stale(generation, last)
         store._open_journal(last)
         if sync is SyncMode.ALWAYS and not current.get("synced"):
@@ -748,7 +769,13 @@ class Store:
         if current["boot_id"] != boot_id:
             store._write_current(dict(store._current, boot_id=boot_id))
         store.report = LoadReport(
-            generation, current.get("meta_crc32") is not None, replayed, len(host.vms), discarded
+            generation,
+            current.get("meta_crc32") is not None,
+            replayed,
+            len(host.vms),
+            discarded,
+            round(restored - started, 3),
+            round(replay_seconds, 3),
         )
         return store
 

@@ -1353,8 +1353,13 @@ class Host(HostMigration, HostPageMigration):
         for reg in mem.regions:
             for start in range(reg.data.start, reg.data.end, REBUILD_CHUNK_PAGES):
                 stop = min(start + REBUILD_CHUNK_PAGES, reg.data.end)
-                is_tagged = mem.flags[start:stop] == TG_TAGGED
-                tagged += np.bincount(mem.owner[start:stop][is_tagged], minlength=tagged.size)
+                owner = mem.owner[start:stop]
+                # Per run of one owner (a VM's pages are mostly contiguous): a sum per run
+                # is several times faster than selecting the tagged pages' owners.
+                runs = np.flatnonzero(owner[1:] != owner[:-1]) + 1
+                runs = np.concatenate([np.zeros(1, np.int64), runs])
+                per_run = np.add.reduceat(mem.flags[start:stop] == TG_TAGGED, runs, dtype=np.int64)
+                np.add.at(tagged, owner[runs], per_run)
         for vm in self._vms.values():
             vm.mapped_pages = sum(
                 int(np.count_nonzero(vm.stage2[start : start + REBUILD_CHUNK_PAGES]))
