@@ -167,6 +167,8 @@ class Daemon:
                 "restored_vms": report.vms,
                 "replayed": report.replayed,
                 "generation": report.generation,
+                "restore_s": report.restore_seconds,
+                "replay_s": report.replay_seconds,
             }
         logger.info(
             kv(

@@ -57,6 +57,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -326,7 +327,7 @@ class _Crc32Writer:
         self.crc = 0
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         return self._f.write(data)
@@ -368,7 +369,7 @@ def _write_snapshot(
         file_name = f"{i:04d}.npy"
         with open(tmp / "arrays" / file_name, "wb") as f:
             writer = _Crc32Writer(f)
-            np.save(writer, array, allow_pickle=False)
+            _write_npy(writer, array)
             f.flush()
             os.fsync(f.fileno())
         files[name] = {"file": file_name, "crc32": writer.crc, "size": writer.size}
@@ -385,6 +386,18 @@ def _write_snapshot(
     os.rename(tmp, state_dir / _snapshot_name(generation))
     _fsync_dir(state_dir)
     return meta_crc
+
+
+def _write_npy(writer: _Crc32Writer, array: npt.NDArray[Any]) -> None:
+    """``np.save`` of ``array`` in the ``.npy`` format, its data written a chunk at a time
+    straight from the array's memory: np.save to a non-file object copies each chunk twice
+    (a buffered iterator, then ``tobytes``), and a whole-array copy is out of the question."""
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)  # never one of the host's large arrays
+    np.lib.format.write_array_header_1_0(writer, np.lib.format.header_data_from_array_1_0(array))
+    data = array.reshape(-1).view(np.uint8).data
+    for start in range(0, len(data), _READ_CHUNK_BYTES):
+        writer.write(data[start : start + _READ_CHUNK_BYTES])
 
 
 def _read_sealed_file(path: Path, what: str) -> Any:
@@ -477,19 +490,47 @@ class _NpyFile:
         self.dtype = np.dtype(dtype)
         self.size = int(np.prod(shape, dtype=np.int64))
         self._next = 0  # elements read in order so far (-1: read out of order)
+        # One worker thread that checksums what was read while the next chunk is read
+        # (zlib and file reads release the GIL): set by _restore.
+        self.checksummer: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     def _read(self, start: int, count: int) -> npt.NDArray[Any]:
-        data = np.fromfile(
-            self.path, self.dtype, count, offset=self.offset + start * self.dtype.itemsize
-        )
-        if data.size != count:
-            raise ValueError(f"{self.path}: {data.size} of {count} elements")
+        data = np.empty(count, self.dtype)
+        self.read_into(start, data)
+        return data
+
+    def read_into(self, start: int, out: npt.NDArray[Any]) -> None:
+        """Read elements ``start .. start + out.size`` straight into ``out`` (1-D, contiguous,
+        of this dtype): the model's own array, so a restore needs no temporary at all."""
+        if out.dtype != self.dtype or out.ndim != 1 or not out.flags.c_contiguous:
+            raise ValueError(f"{self.path}: cannot read {self.dtype} elements into {out.dtype}")
+        if start < 0 or start + out.size > self.size:
+            raise ValueError(f"{self.path}: elements {start}..{start + out.size} of {self.size}")
+        buffer = out.view(np.uint8).data
+        done = 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start * self.dtype.itemsize)
+            while done < len(buffer):
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise ValueError(f"{self.path}: {done} of {len(buffer)} bytes (truncated)")
+                done += n
         if start == self._next:
-            self._crc = zlib.crc32(data.data, self._crc)
-            self._next += count
+            self._next += out.size
+            if self.checksummer is None:
+                self._update_crc(buffer)
+            else:
+                self._pending = self.checksummer.submit(self._update_crc, buffer)
         else:
             self._next = -1
-        return data
+
+    def _update_crc(self, data: memoryview) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def astype(self, dtype: Any) -> npt.NDArray[Any]:
+        """The whole array as ``dtype`` (the small arrays of a migration in progress)."""
+        return np.asarray(self).astype(dtype, copy=False)
 
     def __getitem__(self, key: slice) -> npt.NDArray[Any]:
         if len(self.shape) != 1:
@@ -499,12 +540,14 @@ class _NpyFile:
             return np.asarray(self)[key]
         return self._read(start, max(0, stop - start))
 
-    def __array__(self, dtype: Any = None) -> npt.NDArray[Any]:
+    def __array__(self, dtype: Any = None, copy: Any = None) -> npt.NDArray[Any]:
         data = self._read(0, self.size).reshape(self.shape)
-        return data if dtype is None else data.astype(dtype)
+        return data if dtype is None else data.astype(dtype, copy=False)
 
     def verify(self) -> None:
         """Raise StateError unless the file's checksum is the recorded one."""
+        if self._pending is not None:
+            self._pending.result()  # the worker checksums in order: this one was last
         crc = self._crc if self._next == self.size else _file_crc32(self.path)[0]
         if crc != self._expected_crc:
             raise StateError(
@@ -516,16 +559,19 @@ def _restore(state: HostState, path: Path) -> Host:
     """The host of a snapshot, every array's checksum verified."""
     arrays: list[Any] = list(state.arrays.values())
     files: list[_NpyFile] = [a for a in arrays if isinstance(a, _NpyFile)]
-    try:
-        host = Host.restore(state)
-    except (ValueError, KeyError, TypeError) as e:
+    with ThreadPoolExecutor(1, thread_name_prefix="hostd-restore-crc") as checksummer:
         for f in files:
-            f.verify()  # corruption is the likelier cause: say so if it is
-        raise StateError(
-            f"{path}: the snapshot does not fit this host ({e}); {_WHAT_TO_DO}"
-        ) from None
-    for f in files:
-        f.verify()
+            f.checksummer = checksummer
+        try:
+            host = Host.restore(state)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            for f in files:
+                f.verify()  # corruption is the likelier cause: say so if it is
+            raise StateError(
+                f"{path}: the snapshot does not fit this host ({e}); {_WHAT_TO_DO}"
+            ) from None
+        for f in files:
+            f.verify()
     return host
 
 
@@ -561,6 +607,8 @@ class LoadReport:
     replayed: int
     vms: int
     discarded: str = ""
+    restore_seconds: float = 0.0  # reading the snapshot, deriving the counts
+    replay_seconds: float = 0.0
 
 
 class Store:
@@ -694,6 +742,7 @@ class Store:
                 "directory (or `hostd state reset DIR` to discard it)"
             )
         generation = int(current["generation"])
+        started = time.monotonic()
         if current.get("meta_crc32") is None:
             host = Host(topology, placement)
             saved_requests: list[Any] = []
@@ -705,7 +754,9 @@ class Store:
         requests: RequestWindow = options["requests"]
         requests.load([_decode_request(r) for r in saved_requests])
         store = cls(path, host, current, **options)
+        restored = time.monotonic()
         replayed, last = store._replay_chain(generation, repair=True)
+        replay_seconds = time.monotonic() - restored
         store._clean_stale(generation, last)
         store._open_journal(last)
         if sync is SyncMode.ALWAYS and not current.get("synced"):
@@ -718,7 +769,13 @@ class Store:
         if current["boot_id"] != boot_id:
             store._write_current(dict(store._current, boot_id=boot_id))
         store.report = LoadReport(
-            generation, current.get("meta_crc32") is not None, replayed, len(host.vms), discarded
+            generation,
+            current.get("meta_crc32") is not None,
+            replayed,
+            len(host.vms),
+            discarded,
+            round(restored - started, 3),
+            round(replay_seconds, 3),
         )
         return store
 
@@ -789,17 +846,25 @@ class Store:
         return total, chain[-1]
 
     def _replay(self, journal: Path, *, last: bool, repair: bool) -> int:
-        data = journal.read_bytes()
-        lines = data.split(b"\n")
-        torn = lines.pop()  # a complete journal ends with "\n", leaving b""
-        if torn and not last:
-            raise StateError(
-                f"{journal}: ends in an incomplete record but is not the last journal; "
-                f"{_WHAT_TO_DO}"
-            )
+        with open(journal, "rb") as f:
+            return self._replay_lines(journal, f, last=last, repair=repair)
+
+    def _replay_lines(self, journal: Path, f: BinaryIO, *, last: bool, repair: bool) -> int:
+        # Line by line, not the whole file at once: a journal may grow to
+        # snapshot_journal_bytes, and its bytes plus their split would be a temporary of
+        # that size twice over.
         pending: tuple[int, dict[str, Any]] | None = None
         count = 0
-        for number, line in enumerate(lines, start=1):
+        number = 0
+        good = 0  # bytes of complete records
+        torn = b""
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                torn = raw  # only the end of the file can lack its newline
+                break
+            number += 1
+            good += len(raw)
+            line = raw[:-1]
             try:
                 entry = unseal(line)
                 if entry["seq"] != number:
@@ -824,7 +889,11 @@ class Store:
             if pending is not None:
                 count += self._apply(journal, *pending, expect_raise=False)
             pending = (number, entry)
-        good = len(data) - len(torn)
+        if torn and not last:
+            raise StateError(
+                f"{journal}: ends in an incomplete record but is not the last journal; "
+                f"{_WHAT_TO_DO}"
+            )
         if pending is not None:
             if last:
                 # Its answer was never sent if it raised: no abort was written before the end.
@@ -839,7 +908,7 @@ class Store:
             logger.warning(kv("journal_torn_tail_dropped", journal=journal, bytes=len(torn)))
             if repair and good >= 0:
                 os.truncate(journal, good)
-        self._seq = len(lines) + (1 if good == -1 else 0)
+        self._seq = number + (1 if good == -1 else 0)
         return count
 
     def _append_repair(self, journal: Path, good: int, seq: int) -> None:

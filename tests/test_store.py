@@ -717,3 +717,120 @@ def test_restore_counts_invalid_flags_so_the_check_names_them(state_dir: Path) -
     violations = restored.check_invariants()
     assert any("flags invalid for its kind" in v for v in violations)
     assert not any("per-state page totals drifted" in v for v in violations)
+
+
+def populate_folios_and_pins(store: Store) -> None:
+    """A THP-backed MTE guest (huge folios, tags), a pinned guest (its own owner pool) and a
+    plain guest, each map spanning several restore chunks."""
+    thp = VmConfig("thp", True, TagPolicy.ON_FAULT, 64 * MiB, backing_page_size_bytes=2 * MiB)
+    call(store, "create_vm", thp)
+    call(store, "guest_fault", "thp", BOOT_RAM_GPA, 16 * MiB, Access.WRITE)
+    call(store, "guest_fault", "thp", BOOT_RAM_GPA + 32 * MiB, 4096, Access.TAG)
+    call(store, "copy_tags", "thp", BOOT_RAM_GPA, 4096, TagCopyDirection.TO_GUEST, TAGS)
+    call(store, "create_vm", VmConfig("pinned", False, TagPolicy.ON_FAULT, 32 * MiB, pinned=True))
+    call(store, "create_vm", VmConfig("plain", False, TagPolicy.ON_FAULT, 64 * MiB))
+    call(store, "guest_fault", "plain", BOOT_RAM_GPA, 48 * MiB, Access.WRITE)
+
+
+def pools(host: Host) -> tuple[object, ...]:
+    """What restore derives besides the exported state: owner pools, pins, huge folios."""
+    mem = host.mem
+    return (
+        mem.owner_pool.tolist(),
+        mem.pinned_owner.tolist(),
+        {vm.vm_id: (vm.folio_pages, vm.huge.tolist()) for vm in host.vms.values()},
+    )
+
+
+@pytest.mark.parametrize("how", ["snapshot", "replay"])
+def test_a_host_with_huge_folios_and_pinned_pools_restores_equal(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Huge folios (vm.huge) and pinned owner pools come back from a snapshot, or from the
+    journal, equal to the original, with chunk boundaries inside the VMs' maps."""
+    monkeypatch.setattr("hostd.model.host.REBUILD_CHUNK_PAGES", 999)
+    monkeypatch.setattr("hostd.model.physmem.REBUILD_CHUNK_PAGES", 999)
+    store = Store.open(state_dir, TOPOLOGY, fork_snapshots=False)
+    populate_folios_and_pins(store)
+    assert store.host.vms["thp"].huge.any() and store.host.mem.pinned_owner.any()
+    before = (fingerprint(store.host), pools(store.host))
+    if how == "snapshot":
+        store.close()
+    else:
+        crash(store)
+    reopened = Store.open(state_dir, TOPOLOGY)
+    try:
+        assert (how == "snapshot") == (reopened.report.replayed == 0)
+        assert before == (fingerprint(reopened.host), pools(reopened.host))
+        assert [] == reopened.host.check_invariants()
+    finally:
+        reopened.close(snapshot=False)
+
+
+def test_snapshot_arrays_are_written_as_numpy_reads_them(state_dir: Path) -> None:
+    """Arrays written a chunk at a time from the host's memory are plain .npy files whose
+    recorded checksum and size are those of the file."""
+    store = Store.open(state_dir, TOPOLOGY, fork_snapshots=False)
+    populate_folios_and_pins(store)
+    host = store.host
+    store.close()
+    snapshot = state_dir / f"snapshot-{current(state_dir)['generation']:08d}"
+    meta = unseal((snapshot / "meta.json").read_bytes().rstrip(b"\n"))
+    saved = host.save_state().arrays
+    assert set(saved) == set(meta["arrays"])
+    for name, entry in meta["arrays"].items():
+        path = snapshot / "arrays" / entry["file"]
+        assert (entry["crc32"], entry["size"]) == (
+            zlib.crc32(path.read_bytes()),
+            path.stat().st_size,
+        )
+        np.testing.assert_array_equal(saved[name], np.load(path, allow_pickle=False))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_damaged_huge_folio_array_refuses_start_naming_the_file(
+    state_dir: Path, damage: str
+) -> None:
+    """The arrays added with huge folios are checksummed like the others: damage refuses
+    the start in one line naming the file."""
+    store = Store.open(state_dir, TOPOLOGY, fork_snapshots=False)
+    populate_folios_and_pins(store)
+    slot = store.host.vms["thp"].slot
+    store.close()
+    snapshot = state_dir / f"snapshot-{current(state_dir)['generation']:08d}"
+    meta = unseal((snapshot / "meta.json").read_bytes().rstrip(b"\n"))
+    array = snapshot / "arrays" / meta["arrays"][f"vm{slot}_huge"]["file"]
+    data = bytearray(array.read_bytes())
+    if damage == "truncated":
+        del data[-1:]
+    else:
+        data[-1] ^= 0x01
+    array.write_bytes(bytes(data))
+
+    with pytest.raises(StateError, match=rf"{array.name}: array 'vm{slot}_huge'") as e:
+        Store.open(state_dir, TOPOLOGY)
+    assert "\n" not in str(e.value)
+
+
+def test_a_snapshot_taken_during_a_migration_restores_it(state_dir: Path) -> None:
+    """A graceful stop in the middle of a migration snapshots its arrays (dirty pages, the
+    round's offsets), and the next start reads them back: the migration carries on."""
+    store = Store.open(state_dir, TOPOLOGY, fork_snapshots=False)
+    call(store, "create_vm", VmConfig("vm", True, TagPolicy.ON_FAULT, 32 * MiB))
+    call(store, "guest_fault", "vm", BOOT_RAM_GPA, 8 * MiB, Access.WRITE)
+    call(store, "start_migration", "vm", "m1", 100.0, 30.0)
+    call(store, "read_migration_chunk", "vm", "m1", 100.5)
+    call(store, "guest_fault", "vm", BOOT_RAM_GPA + 16 * MiB, 4096, Access.WRITE)
+    before = store.host.get_migration("vm")
+    store.close()
+
+    reopened = Store.open(state_dir, TOPOLOGY)
+    try:
+        assert 0 == reopened.report.replayed
+        assert before == reopened.host.get_migration("vm")
+        assert [] == reopened.host.check_invariants()
+        while call(reopened, "read_migration_chunk", "vm", "m1", 101.0) is not None:
+            pass
+        call(reopened, "next_migration_round", "vm", "m1", 101.0)
+    finally:
+        reopened.close(snapshot=False)

@@ -399,7 +399,12 @@ class Host(HostMigration, HostPageMigration):
         vm = self._vm(vm_id)
         self._migration_refuse_config(vm, "destroying it")
         final = self._vm_status(vm)
-        self._unmap(vm, np.flatnonzero(vm.stage2).astype(np.int64))
+        # A chunk of the map at a time: a large VM's whole page list would be a temporary of
+        # several bytes per host page (the daemon's memory is bounded, also during replay).
+        for start in range(0, vm.stage2.size, REBUILD_CHUNK_PAGES):
+            offs = np.flatnonzero(vm.stage2[start : start + REBUILD_CHUNK_PAGES])
+            if offs.size:
+                self._unmap(vm, offs + start)
         self._forget_vm(vm)
         self._emit(Event(EVENT_VM_DESTROYED, vm_id=vm_id))
         return final
@@ -428,10 +433,15 @@ class Host(HostMigration, HostPageMigration):
 
     def _device_status(self, vm: Vm, d: MemoryDevice) -> MemoryDeviceStatus:
         first = vm.gfn_offset(d.gpa)
-        s2 = vm.stage2[first : first + d.size_bytes // self.page_size]
-        pages = s2[s2 != 0].astype(np.int64) - 1
-        tagged = int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
-        return vm.device_status(d, pages.size, tagged)
+        end = first + d.size_bytes // self.page_size
+        mapped = tagged = 0
+        for start in range(first, end, REBUILD_CHUNK_PAGES):
+            s2 = vm.stage2[start : min(start + REBUILD_CHUNK_PAGES, end)]
+            # Host page index + 1, so never 0 here: uint32 indices, no int64 copy.
+            pages = s2[s2 != 0] - 1
+            mapped += pages.size
+            tagged += int(np.count_nonzero(self.mem.flags[pages] == TG_TAGGED))
+        return vm.device_status(d, mapped, tagged)
 
     # ----------------------------------------------------------------- memory devices
 
@@ -1319,31 +1329,61 @@ class Host(HostMigration, HostPageMigration):
                     dev.plugged = np.asarray(a[f"vm{vm.slot}_dev{d['index']}_plugged"], bool)
                 vm.devices[dev.device_id] = dev
             _copy_in_chunks(vm.stage2, a[f"vm{vm.slot}_stage2"])
-            vm.mapped_pages = vm.tagged_pages = 0
-            for start in range(0, vm.stage2.size, REBUILD_CHUNK_PAGES):
-                s2 = vm.stage2[start : start + REBUILD_CHUNK_PAGES]
-                pages = s2[s2 != 0].astype(np.int64) - 1
-                vm.mapped_pages += pages.size
-                vm.tagged_pages += int(np.count_nonzero(mem.flags[pages] == TG_TAGGED))
             if vm.folio_pages > 1 and f"vm{vm.slot}_huge" in a:
-                vm.huge[:] = a[f"vm{vm.slot}_huge"]
+                _copy_in_chunks(vm.huge, a[f"vm{vm.slot}_huge"])
             vm.discarded_pages = int(entry.get("discarded_pages", 0))
             host._vms[vm.vm_id] = vm
             host._by_slot[vm.slot] = vm
             mem.owner_pool[vm.slot] = host._untagged_pool(vm.config)
             mem.pinned_owner[vm.slot] = vm.config.pinned
+        host._recount_vm_pages()
         host.counters.load_doc(t["counters"])
         host._restore_migrations(t.get("migrations", []), a)
         return host
 
+    def _recount_vm_pages(self) -> None:
+        """Every VM's mapped and tagged page counts, from the restored arrays.
+
+        Sequential passes in chunks: the stage-2 maps for mapped pages, the taggable ranges'
+        flags and owners for tagged pages (a VM's pages are exactly the pages it owns, an
+        invariant), so no gather over a whole VM and no whole-host temporary.
+        """
+        mem = self.mem
+        tagged = np.zeros(MAX_VMS + 1, dtype=np.int64)
+        for reg in mem.regions:
+            for start in range(reg.data.start, reg.data.end, REBUILD_CHUNK_PAGES):
+                stop = min(start + REBUILD_CHUNK_PAGES, reg.data.end)
+                owner = mem.owner[start:stop]
+                # Per run of one owner (a VM's pages are mostly contiguous): a sum per run
+                # is several times faster than selecting the tagged pages' owners.
+                runs = np.flatnonzero(owner[1:] != owner[:-1]) + 1
+                runs = np.concatenate([np.zeros(1, np.int64), runs])
+                per_run = np.add.reduceat(mem.flags[start:stop] == TG_TAGGED, runs, dtype=np.int64)
+                np.add.at(tagged, owner[runs], per_run)
+        for vm in self._vms.values():
+            vm.mapped_pages = sum(
+                int(np.count_nonzero(vm.stage2[start : start + REBUILD_CHUNK_PAGES]))
+                for start in range(0, vm.stage2.size, REBUILD_CHUNK_PAGES)
+            )
+            vm.tagged_pages = int(tagged[vm.slot])
+
 
 def _copy_in_chunks(dst: npt.NDArray[Any], src: Any) -> None:
     """``dst[:] = src`` a chunk at a time: ``src`` may be an array read lazily from a file
-    (the store's), which then never needs a whole-array copy in memory."""
-    if dst.shape != src.shape:
-        raise ValueError(f"saved array of shape {src.shape}, expected {dst.shape}")
+    (the store's), which then never needs a whole-array copy in memory. One that can
+    ``read_into(start, out)`` reads straight into ``dst``, without even a chunk's copy."""
+    if dst.shape != src.shape or dst.dtype != src.dtype:
+        raise ValueError(
+            f"saved array of shape {src.shape} and type {src.dtype}, "
+            f"expected {dst.shape} and {dst.dtype}"
+        )
+    read_into = getattr(src, "read_into", None)
     for start in range(0, dst.size, REBUILD_CHUNK_PAGES):
-        dst[start : start + REBUILD_CHUNK_PAGES] = src[start : start + REBUILD_CHUNK_PAGES]
+        part = dst[start : start + REBUILD_CHUNK_PAGES]
+        if read_into is not None:
+            read_into(start, part)
+        else:
+            part[...] = src[start : start + REBUILD_CHUNK_PAGES]
 
 
 def topology_to_doc(topology: HostTopology) -> dict[str, Any]:

@@ -93,9 +93,10 @@ _POOL_KINDS = {
 RESERVE_TRIES = 3
 # Smallest window a free-page scan looks at; scans grow geometrically from a hint.
 SCAN_WINDOW_MIN = 1 << 14
+SCAN_WINDOW_MAX = 1 << 20
 NO_OWNER = 0
 # Pages per step when counts are rebuilt from the flags: bounds the temporaries of a restore.
-REBUILD_CHUNK_PAGES = 1 << 22
+REBUILD_CHUNK_PAGES = 1 << 18
 
 
 @dataclass(eq=False)
@@ -495,7 +496,10 @@ class PhysicalMemory:
             found.append(take)
             got += take.size
             pos = hi
-            window *= 2
+            # Grow over sparse ranges, but not without bound: a window's hits (8 bytes each)
+            # are kept until the end, and a whole-segment window would be a temporary of
+            # several bytes per host page.
+            window = min(2 * window, max(SCAN_WINDOW_MAX, 2 * need))
         if first_free is None:
             seg.hint = pos - seg.start
         else:

@@ -124,9 +124,20 @@ class TagContents:
         self._tags = all_tags[order]
 
     def state(self) -> tuple[IndexArray, npt.NDArray[np.uint8]]:
-        return self._pages.copy(), self._tags.copy()
+        """The stored pages and rows themselves (read-only views, not copies): every change
+        replaces the arrays rather than writing into them, so a snapshot may keep these while
+        the host goes on, and a copy would double the memory of a host with many tags."""
+        pages, tags = self._pages.view(), self._tags.view()
+        pages.flags.writeable = tags.flags.writeable = False
+        return pages, tags
 
     def restore(self, pages: IndexArray, tags: npt.NDArray[np.uint8]) -> None:
-        order = np.argsort(pages, kind="stable")
-        self._pages = pages.astype(np.int64)[order]
-        self._tags = tags.astype(np.uint8).reshape(-1, self.tags_per_page)[order]
+        pages = pages.astype(np.int64, copy=False)
+        tags = tags.astype(np.uint8, copy=False).reshape(-1, self.tags_per_page)
+        if pages.size != tags.shape[0]:
+            raise ValueError(f"{pages.size} tagged pages but {tags.shape[0]} rows of tags")
+        if pages.size > 1 and not bool((pages[1:] > pages[:-1]).all()):
+            # Saved states are sorted (see state()): sort only what was written otherwise.
+            order = np.argsort(pages, kind="stable")
+            pages, tags = pages[order], tags[order]
+        self._pages, self._tags = pages, tags
