@@ -174,41 +174,57 @@ def children_private_bytes(pid: int) -> int:
     return total
 
 
+def load_loop(address: str, token_file: Path, what: str) -> int:
+    """``--load``: run ``what`` back to back until stdin closes; print how many completed.
+
+    A process of its own: a load thread in the measuring process would decode the export's
+    messages under the same GIL as the fault calls it is meant to disturb only through the
+    daemon.
+    """
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    done = 0
+    with admin_channel(address, token_file) as channel:
+        other = pb_grpc.TagStorageStub(channel)
+        while not stop.is_set():
+            if what == "check":
+                assert not other.CheckInvariants(
+                    pb.CheckInvariantsRequest(), timeout=600
+                ).violations
+            else:
+                for _ in other.ExportState(pb.ExportStateRequest(), timeout=600):
+                    pass
+            done += 1
+    print(done, flush=True)
+    return 0
+
+
 def under_load(
     stub: pb_grpc.TagStorageStub, daemon: Daemon, seconds: float, what: str, pid: int
 ) -> tuple[list[float], int, int]:
-    """Fault latencies while another client runs ``what`` back to back; returns (latencies,
-    how many ``what`` completed, peak private memory of the daemon's children)."""
+    """Fault latencies while another client process runs ``what`` back to back; returns
+    (latencies, how many ``what`` completed, peak private memory of the daemon's children)."""
     stop = threading.Event()
-    done = [0]
     child_peak = [0]
 
     def watch() -> None:
         while not stop.wait(0.05):
             child_peak[0] = max(child_peak[0], children_private_bytes(pid))
 
-    def load() -> None:
-        with admin_channel(daemon.address, daemon.token_file) as channel:
-            other = pb_grpc.TagStorageStub(channel)
-            while not stop.is_set():
-                if what == "check":
-                    assert not other.CheckInvariants(
-                        pb.CheckInvariantsRequest(), timeout=600
-                    ).violations
-                else:
-                    for _ in other.ExportState(pb.ExportStateRequest(), timeout=600):
-                        pass
-                done[0] += 1
-
-    threads = [threading.Thread(target=load), threading.Thread(target=watch)]
-    for thread in threads:
-        thread.start()
+    load = subprocess.Popen(
+        [sys.executable, __file__, "--load", what, "--address", daemon.address,
+         "--token-file", str(daemon.token_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
-        return fault_latencies(stub, seconds), done[0], child_peak[0]
+        latencies = fault_latencies(stub, seconds)
     finally:
         stop.set()
-        for thread in threads:
-            thread.join()
+        watcher.join()
+        out, _ = load.communicate("", timeout=600)
+    return latencies, int(out.strip() or 0), child_peak[0]
 
 
 def fork_ms(memory_bytes: int, repeat: int = 20) -> list[float]:
@@ -236,7 +252,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--memory", default="256GiB")
     ap.add_argument("--seconds", type=float, default=5.0, help="per latency measurement")
+    ap.add_argument("--load", choices=("check", "export"), help=argparse.SUPPRESS)
+    ap.add_argument("--address", help=argparse.SUPPRESS)
+    ap.add_argument("--token-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load:
+        return load_loop(args.address, args.token_file, args.load)
     memory_bytes = parse_size("memory", args.memory)
     pages = memory_bytes // PAGE
     tmp = Path(tempfile.mkdtemp(prefix="tagstore-durability-"))
