@@ -186,6 +186,8 @@ def load_loop(address: str, token_file: Path, what: str) -> int:
     done = 0
     with admin_channel(address, token_file) as channel:
         other = pb_grpc.TagStorageStub(channel)
+        other.GetHost(pb.GetHostRequest(), timeout=60)
+        print("ready", flush=True)
         while not stop.is_set():
             if what == "check":
                 assert not other.CheckInvariants(
@@ -216,6 +218,9 @@ def under_load(
          "--token-file", str(daemon.token_file)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert load.stdout is not None
+    # Its start-up (an interpreter, gRPC) is not part of what is measured.
+    assert load.stdout.readline().strip() == "ready"
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:

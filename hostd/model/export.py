@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # Pages (or stage-2 offsets) read per step.
-EXPORT_CHUNK_PAGES = 1 << 18
+EXPORT_CHUNK_PAGES = 1 << 16
+# Records handed on at a time: a record costs a few hundred bytes, far more than a page.
+EXPORT_RECORDS_PER_CHUNK = 4096
 # The guest-frame map of a group costs 4 bytes per page: groups of an eighth of the host.
 _GROUPS = 8
 # Records of the counting pass kept for sending (a record costs a few hundred bytes): at least
@@ -78,57 +80,46 @@ def page_extents(host: Host) -> Iterator[list[PageExtent]]:
     seg_starts = np.array([s.start for s in mem.segments], dtype=np.int64)
     step = EXPORT_CHUNK_PAGES
     group = -(-max(step, -(-n // _GROUPS)) // step) * step
-    # The extent still open at the end of the previous chunk: start page, flag, owner, gfn.
-    open_start, open_flag, open_owner, open_gfn = 0, -1, -1, -1
-    prev_flag = prev_owner = prev_gfn = -1
+    # The extent still open at the end of the previous chunk, and its guest frame (kept: the
+    # group that knew it may be gone).
+    open_start, open_gfn = 0, -1
     for g0, g1 in _steps(0, n, group):
-        inv = _offsets_of_pages(host, g0, g1)
+        # One page before the group too: a chunk compares each page with the one before.
+        lo = max(g0 - 1, 0)
+        inv = _offsets_of_pages(host, lo, g1)
+        if g0 == 0:
+            open_gfn = int(inv[0]) - 1 + gfn_base if inv[0] else -1
         for a, b in _steps(g0, g1, step):
-            f = mem.flags[a:b].astype(np.int64)
-            o = mem.owner[a:b].astype(np.int64)
-            off = inv[a - g0 : b - g0].astype(np.int64)
-            gfn = np.where(off > 0, off + (gfn_base - 1), -1)
-            if a == 0:
-                open_flag, open_owner, open_gfn = int(f[0]), int(o[0]), int(gfn[0])
-                pf, po, pg = f[:-1], o[:-1], gfn[:-1]
-                cf, co, cg, first = f[1:], o[1:], gfn[1:], 1
-            else:
-                pf = np.concatenate(([prev_flag], f[:-1]))
-                po = np.concatenate(([prev_owner], o[:-1]))
-                pg = np.concatenate(([prev_gfn], gfn[:-1]))
-                cf, co, cg, first = f, o, gfn, a
-            brk = (cf != pf) | (co != po) | ((cg != pg + 1) & (cg >= 0))
-            at = np.flatnonzero(brk) + first
-            seg = seg_starts[(seg_starts >= max(first, 1)) & (seg_starts < b)]
+            a0 = max(a - 1, 0)
+            f, o, v = mem.flags[a0:b], mem.owner[a0:b], inv[a0 - lo : b - lo]
+            # A mapped page after an unmapped one starts an extent; after a mapped one, unless
+            # its guest frame follows (guest frames are stage-2 offsets plus a constant).
+            brk = (f[1:] != f[:-1]) | (o[1:] != o[:-1])
+            brk |= (v[1:] != 0) & ((v[1:] != v[:-1] + 1) | (v[:-1] == 0))
+            at = np.flatnonzero(brk) + (a0 + 1)
+            seg = seg_starts[(seg_starts > a0) & (seg_starts < b)]
             if seg.size:
                 at = np.union1d(at, seg)
-            prev_flag, prev_owner, prev_gfn = int(f[-1]), int(o[-1]), int(gfn[-1])
             if at.size == 0:
                 continue
-            rel = at - a
-            starts = np.concatenate(([open_start], at[:-1]))
-            flags = [open_flag, *f[rel[:-1]].tolist()]
-            owners = [open_owner, *o[rel[:-1]].tolist()]
-            gfns = [open_gfn, *gfn[rel[:-1]].tolist()]
-            yield _extents(host, starts, at, flags, owners, gfns, names)
-            open_start = int(at[-1])
-            open_flag, open_owner, open_gfn = int(f[rel[-1]]), int(o[rel[-1]]), int(gfn[rel[-1]])
-    yield _extents(
-        host, np.array([open_start]), np.array([n]), [open_flag], [open_owner], [open_gfn], names
-    )
+            for i in range(0, at.size, EXPORT_RECORDS_PER_CHUNK):
+                part = at[i : i + EXPORT_RECORDS_PER_CHUNK]
+                part_inv = inv[part - lo].astype(np.int64)
+                gfns = np.where(part_inv > 0, part_inv + (gfn_base - 1), -1).tolist()
+                bounds = np.concatenate(([open_start], part))
+                yield _extents(host, bounds, [open_gfn, *gfns[:-1]], names)
+                open_start, open_gfn = int(part[-1]), gfns[-1]
+        # Before the next group's map is built, not after (``v`` is a view of it).
+        del inv, v
+    yield _extents(host, np.array([open_start, n]), [open_gfn], names)
 
 
 def _extents(
-    host: Host,
-    starts: np.ndarray,
-    ends: np.ndarray,
-    flags: list[int],
-    owners: list[int],
-    gfns: list[int],
-    names: dict[int, str],
+    host: Host, bounds: np.ndarray, gfns: list[int], names: dict[int, str]
 ) -> list[PageExtent]:
-    pfns = host.mem.pfn_of(starts).tolist()
-    counts = (ends - starts).tolist()
+    """The extents that start at ``bounds[:-1]`` (the last ends at ``bounds[-1]``)."""
+    mem = host.mem
+    starts = bounds[:-1]
     return [
         PageExtent(
             pfn_start=pfn,
@@ -137,7 +128,14 @@ def _extents(
             vm_id=names.get(owner, ""),
             gfn_start=max(gfn, 0),
         )
-        for pfn, count, flag, owner, gfn in zip(pfns, counts, flags, owners, gfns, strict=True)
+        for pfn, count, flag, owner, gfn in zip(
+            mem.pfn_of(starts).tolist(),
+            np.diff(bounds).tolist(),
+            mem.flags[starts].tolist(),
+            mem.owner[starts].tolist(),
+            gfns,
+            strict=True,
+        )
     ]
 
 
@@ -145,7 +143,7 @@ def reserved_tag_blocks(host: Host) -> Iterator[list[ReservedTagBlock]]:
     """Every reserved tag block with its refcount, region by region, a chunk at a time."""
     mem = host.mem
     for reg in mem.regions:
-        for b0, b1 in _steps(0, reg.nr_blocks, EXPORT_CHUNK_PAGES):
+        for b0, b1 in _steps(0, reg.nr_blocks, EXPORT_RECORDS_PER_CHUNK):
             first_pages = reg.tag.start + np.arange(b0, b1, dtype=np.int64) * reg.block_pages
             reserved = np.flatnonzero(mem.flags[first_pages] == TS_RESERVED)
             if reserved.size == 0:
@@ -163,7 +161,8 @@ def mapping_runs(host: Host) -> Iterator[list[MappingRun]]:
     frames with the same tagged state, in guest order, a chunk at a time."""
     mem = host.mem
     for vm in _sorted_vms(host):
-        # The run still open at the end of the previous chunk: gfn, page, pfn, tagged, length.
+        # The run still open: gfn, page, pfn, tagged, length. Runs are maximal within a chunk
+        # of offsets; one may go on into the next chunk.
         run: tuple[int, int, int, bool, int] | None = None
         for o0, o1 in _steps(0, vm.stage2.size, EXPORT_CHUNK_PAGES):
             s2 = vm.stage2[o0:o1]
@@ -176,28 +175,29 @@ def mapping_runs(host: Host) -> Iterator[list[MappingRun]]:
             cont = (np.diff(offs) == 1) & (np.diff(pages) == 1) & (tagged[1:] == tagged[:-1])
             starts = np.concatenate(([0], np.flatnonzero(~cont) + 1))
             ends = np.concatenate((starts[1:], [offs.size]))
-            found = list(
-                zip(
-                    vm.gfn_of_offset(offs[starts]).tolist(),
-                    pages[starts].tolist(),
-                    mem.pfn_of(pages[starts]).tolist(),
-                    tagged[starts].tolist(),
-                    (ends - starts).tolist(),
-                    strict=True,
+            for i in range(0, starts.size, EXPORT_RECORDS_PER_CHUNK):
+                first, last = (
+                    starts[i : i + EXPORT_RECORDS_PER_CHUNK],
+                    ends[i : i + EXPORT_RECORDS_PER_CHUNK],
                 )
-            )
-            out: list[MappingRun] = []
-            if run is not None:
-                gfn, page, pfn, was_tagged, length = run
-                first = found[0]
-                if (gfn + length, page + length, was_tagged) == (first[0], first[1], first[3]):
-                    found[0] = (gfn, page, pfn, was_tagged, length + first[4])
-                else:
-                    out.append(_run(vm, run))
-            out += [_run(vm, r) for r in found[:-1]]
-            run = found[-1]
-            if out:
-                yield out
+                out: list[MappingRun] = []
+                for found in zip(
+                    vm.gfn_of_offset(offs[first]).tolist(),
+                    pages[first].tolist(),
+                    mem.pfn_of(pages[first]).tolist(),
+                    tagged[first].tolist(),
+                    (last - first).tolist(),
+                    strict=True,
+                ):
+                    if run is not None:
+                        gfn, page, pfn, was_tagged, length = run
+                        if (gfn + length, page + length, was_tagged) == found[:2] + found[3:4]:
+                            run = (gfn, page, pfn, was_tagged, length + found[4])
+                            continue
+                        out.append(_run(vm, run))
+                    run = found
+                if out:
+                    yield out
         if run is not None:
             yield [_run(vm, run)]
 

@@ -83,15 +83,18 @@ def test_the_streamed_export_counts_its_records_first_whether_it_keeps_them_or_n
     assert list(expected.mapping_runs) == list(stream.mapping_runs)
 
 
-def test_page_extents_come_a_chunk_at_a_time(
-    small_host: Host, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No chunk holds more extents than a chunk has pages (the export never builds them all
-    at once), and together they cover every host page once."""
+def test_records_come_a_few_at_a_time(small_host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No chunk holds more than ``EXPORT_RECORDS_PER_CHUNK`` records (the export never builds
+    them all at once), and together they are the whole export."""
     host = _fragmented(small_host)
-    monkeypatch.setattr(export, "EXPORT_CHUNK_PAGES", 40)
-    chunks = list(export.page_extents(host))
-    assert len(chunks) > 1
-    assert max(len(c) for c in chunks) <= 40
-    extents = list(itertools.chain.from_iterable(chunks))
-    assert host.mem.nr_pages == sum(e.count for e in extents)
+    expected = reference_export.export_state(host)
+    monkeypatch.setattr(export, "EXPORT_CHUNK_PAGES", 4096)
+    monkeypatch.setattr(export, "EXPORT_RECORDS_PER_CHUNK", 16)
+    for produce, records in (
+        (export.page_extents, expected.page_extents),
+        (export.reserved_tag_blocks, expected.reserved_tag_blocks),
+        (export.mapping_runs, expected.mapping_runs),
+    ):
+        chunks = list(produce(host))
+        assert max(len(c) for c in chunks) <= 16
+        assert list(records) == list(itertools.chain.from_iterable(chunks))
