@@ -50,8 +50,10 @@ from tagstore.v1 import tagstore_pb2 as pb
 E = TypeVar("E", bound=enum.Enum)
 M = TypeVar("M", bound=Message)
 
-# Export chunks stay well below gRPC's default 4 MiB message limit (and the contract's ~1 MiB).
-EXPORT_CHUNK_BYTES = 512 * 1024
+# Export chunks stay well below gRPC's default 4 MiB message limit (and the contract's ~1 MiB),
+# and small: the daemon decodes each chunk from its copy-on-write child and gRPC encodes it
+# again, both holding the GIL (some 3 ms for 512 KiB here), which stalls the faults it serves.
+EXPORT_CHUNK_BYTES = 64 * 1024
 # Per-item framing overhead inside a repeated field (tag + length varint), generously rounded.
 _ITEM_OVERHEAD_BYTES = 6
 
