@@ -54,7 +54,7 @@ from hostd.api.limits import Limits, StreamSlots, check_id
 from hostd.api.requests import MISS, RequestWindow
 from hostd.cow import call_on_copy, stream_on_copy
 from hostd.logs import kv
-from hostd.model import Host
+from hostd.model import Host, export
 from hostd.model.errors import StateUnavailableError, TagStoreError
 from hostd.model.events import EVENT_FAULT, Event
 from hostd.model.migration import MigrationRole, MigrationStatus
@@ -714,9 +714,10 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
                     pending.add_done_callback(lambda f: _close_after(f, messages))
 
     def _serialized_export(self) -> Iterator[bytes]:
-        """Run in the copy's process: the export as serialised messages."""
-        export = self.host.export_state()
-        for message in convert.export_to_proto(export, self.host.page_size):
+        """Run in the copy's process: the export as serialised messages, each sent as soon as
+        it is encoded (the whole export never sits in the child's memory)."""
+        stream = export.stream(self.host)
+        for message in convert.export_stream_to_proto(stream, self.host.page_size):
             yield message.SerializeToString()
 
     @_stream_rpc

@@ -7,6 +7,7 @@ changes. Guest-protocol outcomes (virtio-mem) are returned as answers.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hostd.model import invariants
+from hostd.model import export, invariants
 from hostd.model.compaction import HostPageMigration
 from hostd.model.errors import (
     RESOURCE_DIMM_SLOTS,
@@ -45,7 +46,6 @@ from hostd.model.events import (
 from hostd.model.migration import HostMigration, MigrationState
 from hostd.model.physmem import (
     KIND_TAGGABLE,
-    PAGE_STATE_OF_FLAG,
     POOL_ANY,
     POOL_MTE_CAPABLE,
     POOL_NOT_CMA,
@@ -54,7 +54,6 @@ from hostd.model.physmem import (
     TG_DATA,
     TG_FREE,
     TG_TAGGED,
-    TS_RESERVED,
     PhysicalMemory,
     as_slice,
     require_pages,
@@ -73,15 +72,12 @@ from hostd.model.types import (
     HostCounters,
     HostExport,
     HostStatus,
-    MappingRun,
     MemoryDeviceKind,
     MemoryDeviceStatus,
     MiB,
     MigrationReason,
-    PageExtent,
     Placement,
     RegionStatus,
-    ReservedTagBlock,
     TagCopyDirection,
     TagPolicy,
     TiB,
@@ -1179,64 +1175,13 @@ class Host(HostMigration, HostPageMigration):
         return self._vms
 
     def export_state(self) -> HostExport:
-        """Every host page extent, reserved tag block and VM mapping run."""
-        mem = self.mem
-        n = mem.nr_pages
-        gfn = np.full(n, -1, dtype=np.int64)
-        mapping_runs: list[MappingRun] = []
-        for vm in sorted(self._vms.values(), key=lambda v: v.vm_id):
-            offs = np.flatnonzero(vm.stage2).astype(np.int64)
-            pages = vm.stage2[offs].astype(np.int64) - 1
-            gfns = vm.gfn_of_offset(offs)
-            gfn[pages] = gfns
-            tagged = mem.flags[pages] == TG_TAGGED
-            brk = (
-                np.flatnonzero(
-                    (np.diff(offs) != 1) | (np.diff(pages) != 1) | (tagged[1:] != tagged[:-1])
-                )
-                + 1
-            )
-            starts = np.concatenate(([0], brk)) if offs.size else brk
-            ends = np.concatenate((brk, [offs.size])) if offs.size else brk
-            pfns = mem.pfn_of(pages[starts]) if starts.size else starts
-            for s, e, pfn in zip(starts.tolist(), ends.tolist(), pfns.tolist(), strict=False):
-                mapping_runs.append(MappingRun(vm.vm_id, int(gfns[s]), pfn, e - s, bool(tagged[s])))
-        state = mem.flags
-        owner = mem.owner
-        idx = np.arange(1, n)
-        brk = (
-            np.flatnonzero(
-                (state[1:] != state[:-1])
-                | (owner[1:] != owner[:-1])
-                | ((gfn[1:] != gfn[:-1] + 1) & (gfn[1:] >= 0))
-                | np.isin(idx, [s.start for s in mem.segments])
-            )
-            + 1
+        """Every host page extent, reserved tag block and VM mapping run (all at once; the
+        daemon streams :func:`hostd.model.export.stream` instead)."""
+        return HostExport(
+            tuple(itertools.chain.from_iterable(export.page_extents(self))),
+            tuple(itertools.chain.from_iterable(export.reserved_tag_blocks(self))),
+            tuple(itertools.chain.from_iterable(export.mapping_runs(self))),
         )
-        starts = np.concatenate(([0], brk))
-        ends = np.concatenate((brk, [n]))
-        pfns = mem.pfn_of(starts)
-        names = {vm.slot: vm.vm_id for vm in self._vms.values()}
-        extents = tuple(
-            PageExtent(
-                pfn_start=pfn,
-                count=e - s,
-                state=PAGE_STATE_OF_FLAG[int(state[s])],
-                vm_id=names.get(int(owner[s]), ""),
-                gfn_start=max(int(gfn[s]), 0),
-            )
-            for s, e, pfn in zip(starts.tolist(), ends.tolist(), pfns.tolist(), strict=False)
-        )
-        blocks: list[ReservedTagBlock] = []
-        for reg in mem.regions:
-            first_pages = reg.tag_pages(np.arange(reg.nr_blocks))[:, 0]
-            reserved = np.flatnonzero(mem.flags[first_pages] == TS_RESERVED)
-            tag_pfns = mem.pfn_of(first_pages[reserved]) if reserved.size else reserved
-            blocks.extend(
-                ReservedTagBlock(reg.name, pfn, reg.block_pages, int(reg.refcount[b]))
-                for b, pfn in zip(reserved.tolist(), tag_pfns.tolist(), strict=False)
-            )
-        return HostExport(extents, tuple(blocks), tuple(mapping_runs))
 
     # ----------------------------------------------------------------- persistence
 
