@@ -56,7 +56,7 @@ from hostd.api.limits import (
     Limits,
 )
 from hostd.api.requests import RequestWindow
-from hostd.api.servicer import TagStorageServicer
+from hostd.api.servicer import TagStorageServicer, add_to_server
 from hostd.logs import configure_logging, kv
 from hostd.metrics import MetricsHttpServer, TagStoreMetrics
 from hostd.model import (
@@ -80,7 +80,6 @@ from hostd.store import (
     reset_state_dir,
 )
 from tagstore.v1 import tagstore_pb2 as pb
-from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("hostd.daemon")
 
@@ -421,7 +420,7 @@ async def _bind(
             ("grpc.max_metadata_size", 16 * 1024),
         ],
     )
-    pb_grpc.add_TagStorageServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = AioHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
