@@ -461,90 +461,6 @@ class _GrpcServerMetrics:
             self.msg_sent.labels(*labels)
 
 
-class _MetricsInterceptor(grpc.ServerInterceptor):
-    """Wraps every method handler to count, time and classify its RPCs."""
-
-    def __init__(self, metrics: _GrpcServerMetrics) -> None:
-        self._m = metrics
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
-            return None
-        service, method = _split_method(handler_call_details.method)
-        grpc_type = _grpc_type(handler)
-        labels = (service, method, grpc_type)
-        m = self._m
-
-        def wrap_requests(requests: Iterator[Any]) -> Iterator[Any]:
-            for request in requests:
-                m.msg_received.labels(*labels).inc()
-                yield request
-
-        def finish(start: float, context: grpc.ServicerContext, err: BaseException | None) -> None:
-            m.handled.labels(*labels, _final_code(context, err)).inc()
-            m.handling_seconds.labels(*labels).observe(time.perf_counter() - start)
-
-        def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Any:
-                m.started.labels(*labels).inc()
-                start = time.perf_counter()
-                if handler.request_streaming:
-                    request = wrap_requests(request)
-                err: BaseException | None = None
-                try:
-                    return behavior(request, context)
-                except BaseException as e:
-                    err = e
-                    raise
-                finally:
-                    finish(start, context, err)
-
-            return call
-
-        def stream_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                m.started.labels(*labels).inc()
-                start = time.perf_counter()
-                if handler.request_streaming:
-                    request = wrap_requests(request)
-                err: BaseException | None = None
-                try:
-                    for response in behavior(request, context):
-                        m.msg_sent.labels(*labels).inc()
-                        yield response
-                except BaseException as e:  # GeneratorExit too: the client went away
-                    err = e
-                    raise
-                finally:
-                    finish(start, context, err)
-
-            return call
-
-        des, ser = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                unary_response(handler.unary_unary), des, ser
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                unary_response(handler.stream_unary), des, ser
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                stream_response(handler.unary_stream), des, ser
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                stream_response(handler.stream_stream), des, ser
-            )
-        return handler
-
-
 # Wrapped handlers kept per method name; far more than any server here registers, so that a
 # generic handler answering arbitrary names cannot grow the cache without bound.
 _MAX_CACHED_METHODS = 1024
@@ -835,12 +751,9 @@ class TagStoreMetrics:
             if self._stop.wait(self._interval_s):
                 return
 
-    def server_interceptor(self) -> grpc.ServerInterceptor:
-        """The interceptor that records ``grpc_server_*`` metrics; pass it to ``grpc.server``."""
-        return _MetricsInterceptor(self._grpc)
-
     def aio_server_interceptor(self) -> grpc.aio.ServerInterceptor:
-        """The same interceptor for ``grpc.aio.server`` (what hostd serves with)."""
+        """The interceptor that records ``grpc_server_*`` metrics; pass it to
+        ``grpc.aio.server`` (what hostd serves with)."""
         return _AioMetricsInterceptor(self._grpc)
 
     def preregister_grpc_service(self, service: Any) -> None:
