@@ -331,7 +331,11 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         method: Callable[..., Any],
         args: tuple[object, ...],
     ) -> None:
-        principal = self._principal(context)
+        self._authorize_principal(self._principal(context), method, args)
+
+    def _authorize_principal(
+        self, principal: Principal, method: Callable[..., Any], args: tuple[object, ...]
+    ) -> None:
         what = method.__name__
         if principal.revoked:
             # A destroyed VM's token may only repeat one of its remembered calls (its DestroyVm
@@ -362,9 +366,10 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         *args: object,
         on_success: Callable[[T], None] | None = None,
         before: Callable[[], None] | None = None,
+        principal: Principal | None = None,
     ) -> T:
-        """Authorize, then call a model method under the lock, journaled ahead if it may
-        change state.
+        """Authorize (as ``principal``, else as the call's credential), then call a model
+        method under the lock, journaled ahead if it may change state.
 
         A retry of a remembered ``request_id`` gets the first answer and runs nothing (but
         ``on_success`` again: a retried CreateVm gets a fresh token, the one lost with the first
@@ -372,12 +377,15 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         recorded is refused having changed nothing), and is as durable as configured before the
         reply; ``on_success`` (which persists credentials) runs before the reply too.
         """
-        self._authorize(context, method, args)
-        deadline = _deadline(context)
-        if _expired(deadline) or context.cancelled():
+        if principal is None:
+            principal = self._principal(context)
+        self._authorize_principal(principal, method, args)
+        remaining = context.time_remaining()
+        if (remaining is not None and remaining <= 0) or context.cancelled():
             raise _CallerGone
         request_id = _request_id.get()
         if method in EXPENSIVE:
+            deadline = _deadline(remaining)
             # One at a time: a burst of checks queues here, on the loop, where a caller that
             # gives up costs nothing (its coroutine is cancelled). They read a copy-on-write
             # image of the host (hostd.cow): the lock is held only for the fork, so neither the
@@ -394,7 +402,7 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
                 self.lock.release()
         else:
             result, token = await self._on_model_thread(
-                context, deadline, method, args, on_success, request_id, before
+                context, _deadline(remaining), method, args, on_success, request_id, before
             )
         if token is not None and self._journal is not None and self._journal.syncs:
             # Outside the lock: concurrent calls share one fsync (group commit).
@@ -418,6 +426,15 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
     ) -> tuple[T, int | None]:
         """The model call itself, and the token of its journal record; the caller holds the
         lock."""
+        if method is Host.guest_fault and not request_id:
+            # A fault on pages already mapped (vCPUs racing on a page) changes nothing, so it
+            # has no journal record (the store would not write one either; its count in the
+            # fault counters is lost on a crash). One look at the pages decides, not two.
+            present = self.host.guest_fault_if_present(*args)  # type: ignore[arg-type]
+            if present is not None:
+                if on_success is not None:
+                    on_success(cast(T, present))
+                return cast(T, present), None
         name = method.__name__
         answer = self._requests.lookup(request_id, name, args) if request_id else MISS
         if answer is not MISS:
@@ -563,11 +580,20 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         return pb.DestroyVmResponse(vm=convert.vm_to_proto(final))
 
     async def _guest_fault(
-        self, request: pb.GuestFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: pb.GuestFaultRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        principal: Principal | None = None,
     ) -> pb.GuestFaultResponse:
         access = convert.access_from_proto(request.access)
         result = await self._call(
-            context, Host.guest_fault, request.vm_id, request.gpa, request.length, access
+            context,
+            Host.guest_fault,
+            request.vm_id,
+            request.gpa,
+            request.length,
+            access,
+            principal=principal,
         )
         return convert.fault_result_to_proto(result)
 
@@ -583,10 +609,15 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         request_iterator: AsyncIterator[pb.GuestFaultRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.GuestFaultResponse]:
+        # A stream's metadata is fixed when it opens: read it once. The token in it is still
+        # checked for every message (a lookup of the remembered header value), so that a
+        # token revoked while the stream is open refuses the next message.
+        metadata = context.invocation_metadata()
+        authenticate = self._credentials.authenticate
         async for request in request_iterator:
             request_id = _request_id.set(request.request_id)
             try:
-                response = await self._guest_fault(request, context)
+                response = await self._guest_fault(request, context, authenticate(metadata))
             finally:
                 _request_id.reset(request_id)
             yield response
@@ -905,8 +936,8 @@ def _close_after(done: asyncio.Future[Any], messages: Generator[bytes, None, Non
     messages.close()
 
 
-def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-    remaining = context.time_remaining()
+def _deadline(remaining: float | None) -> float | None:
+    """The monotonic deadline of a call with ``remaining`` seconds left (``time_remaining``)."""
     return None if remaining is None else time.monotonic() + remaining
 
 
