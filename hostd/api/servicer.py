@@ -6,9 +6,10 @@ coroutine, not a thread. The :class:`~hostd.model.Host` has one owner, ``lock`` 
 :meth:`TagStorageServicer._call`, which calls the model under it, in one of two places:
 
 - inline on the event loop, when the call is cheap (faults and tag copies of at most
-  :data:`INLINE_MAX_BYTES` without a journal to fsync), nothing is queued for the model thread
-  and the lock is free *now* (``acquire(blocking=False)``): the hot fault path pays no thread
-  hand-off, and the loop never waits for the lock;
+  :data:`INLINE_MAX_BYTES` without a journal to fsync, and faults on pages already mapped, which
+  change nothing and are not journaled), nothing is queued for the model thread and the lock is
+  free *now* (``acquire(blocking=False)``): the hot fault path pays no thread hand-off, and the
+  loop never waits for the lock;
 - otherwise on the single model thread (:data:`MODEL_THREAD`), which waits for the lock. Calls
   there run in arrival order; expensive host-scoped calls (CheckInvariants, ExportState) also
   run one at a time.
@@ -57,7 +58,7 @@ from hostd.logs import kv
 from hostd.model import Host
 from hostd.model.errors import StateUnavailableError, TagStoreError
 from hostd.model.events import EVENT_FAULT, Event
-from hostd.model.types import TagCopyDirection
+from hostd.model.types import Access, FaultResult, TagCopyDirection
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
 
@@ -579,29 +580,52 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         )
         return pb.DestroyVmResponse(vm=convert.vm_to_proto(final))
 
+    def _present_fault_now(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        principal: Principal,
+        args: tuple[str, int, int, Access],
+    ) -> FaultResult | None:
+        """The hot path: a fault on pages already mapped (vCPUs racing on a page), answered on
+        the loop once authorized. None when it must take :meth:`_call`: it carries a
+        request_id (remembered and journaled), calls wait for the model thread (order), the
+        lock is busy now, or the fault has work to do (or is refused) — :meth:`_call` then
+        authorizes it again and runs or refuses it as any call."""
+        if _request_id.get():
+            return None
+        self._authorize_principal(principal, Host.guest_fault, args)
+        remaining = context.time_remaining()
+        if (remaining is not None and remaining <= 0) or context.cancelled():
+            raise _CallerGone
+        if self._queued or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return self.host.guest_fault_if_present(*args)
+        finally:
+            self.lock.release()
+
     async def _guest_fault(
         self,
         request: pb.GuestFaultRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-        principal: Principal | None = None,
+        principal: Principal,
     ) -> pb.GuestFaultResponse:
-        access = convert.access_from_proto(request.access)
-        result = await self._call(
-            context,
-            Host.guest_fault,
+        args = (
             request.vm_id,
             request.gpa,
             request.length,
-            access,
-            principal=principal,
+            convert.access_from_proto(request.access),
         )
+        result = self._present_fault_now(context, principal, args)
+        if result is None:
+            result = await self._call(context, Host.guest_fault, *args, principal=principal)
         return convert.fault_result_to_proto(result)
 
     @_rpc(logging.DEBUG)
     async def GuestFault(
         self, request: pb.GuestFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GuestFaultResponse:
-        return await self._guest_fault(request, context)
+        return await self._guest_fault(request, context, self._principal(context))
 
     @_stream_rpc
     async def StreamGuestFaults(
