@@ -427,15 +427,6 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
     ) -> tuple[T, int | None]:
         """The model call itself, and the token of its journal record; the caller holds the
         lock."""
-        if method is Host.guest_fault and not request_id:
-            # A fault on pages already mapped (vCPUs racing on a page) changes nothing, so it
-            # has no journal record (the store would not write one either; its count in the
-            # fault counters is lost on a crash). One look at the pages decides, not two.
-            present = self.host.guest_fault_if_present(*args)  # type: ignore[arg-type]
-            if present is not None:
-                if on_success is not None:
-                    on_success(cast(T, present))
-                return cast(T, present), None
         name = method.__name__
         answer = self._requests.lookup(request_id, name, args) if request_id else MISS
         if answer is not MISS:
@@ -580,19 +571,19 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         )
         return pb.DestroyVmResponse(vm=convert.vm_to_proto(final))
 
-    def _present_fault_now(
+    def _fault_now(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         principal: Principal,
         args: tuple[str, int, int, Access],
     ) -> FaultResult | None:
-        """The hot path: a fault on pages already mapped (vCPUs racing on a page), answered on
-        the loop once authorized. None when it must take :meth:`_call`: it carries a
-        request_id (remembered and journaled), calls wait for the model thread (order), the
-        lock is busy now, or the fault has work to do (or is refused) — :meth:`_call` then
-        authorizes it again and runs or refuses it as any call."""
-        if _request_id.get():
-            return None
+        """The fault path of :meth:`_call`, answered on the loop when nothing is queued for
+        the model thread and the lock is free now. A fault on pages already mapped (vCPUs
+        racing on a page) without a request_id changes nothing: one look at the pages answers
+        it, with no journal record (the store would write none either; its count in the fault
+        counters is lost on a crash). Other cheap faults run here as :meth:`_call` would run
+        them. None: the fault must wait for the model thread (:meth:`_call` takes it there,
+        authorizing it again)."""
         self._authorize_principal(principal, Host.guest_fault, args)
         remaining = context.time_remaining()
         if (remaining is not None and remaining <= 0) or context.cancelled():
@@ -600,7 +591,16 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         if self._queued or not self.lock.acquire(blocking=False):
             return None
         try:
-            return self.host.guest_fault_if_present(*args)
+            request_id = _request_id.get()
+            if not request_id:
+                present = self.host.guest_fault_if_present(*args)
+                if present is not None:
+                    return present
+            if not self._cheap(Host.guest_fault, args):
+                return None
+            result, _ = self._locked(Host.guest_fault, args, None, request_id)
+            # _cheap: no journal that fsyncs, so nothing to wait for.
+            return result
         finally:
             self.lock.release()
 
@@ -616,7 +616,7 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
             request.length,
             convert.access_from_proto(request.access),
         )
-        result = self._present_fault_now(context, principal, args)
+        result = self._fault_now(context, principal, args)
         if result is None:
             result = await self._call(context, Host.guest_fault, *args, principal=principal)
         return convert.fault_result_to_proto(result)
