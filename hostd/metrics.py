@@ -471,99 +471,56 @@ class _GrpcServerMetrics:
             self.msg_sent.labels(*labels)
 
 
-class _MetricsInterceptor(grpc.ServerInterceptor):
-    """Wraps every method handler to count, time and classify its RPCs."""
+# Wrapped handlers kept per method name; far more than any server here registers, so that a
+# generic handler answering arbitrary names cannot grow the cache without bound.
+_MAX_CACHED_METHODS = 1024
 
-    def __init__(self, metrics: _GrpcServerMetrics) -> None:
-        self._m = metrics
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
-            return None
-        service, method = _split_method(handler_call_details.method)
-        grpc_type = _grpc_type(handler)
-        labels = (service, method, grpc_type)
-        m = self._m
+class _MethodSeries:
+    """The series of one method, looked up once: ``labels()`` validates its arguments and takes
+    the family's lock, which the fault path would otherwise pay several times per call."""
 
-        def wrap_requests(requests: Iterator[Any]) -> Iterator[Any]:
-            for request in requests:
-                m.msg_received.labels(*labels).inc()
-                yield request
+    __slots__ = ("_by_code", "_handled", "_labels", "received", "seconds", "sent", "started")
 
-        def finish(start: float, context: grpc.ServicerContext, err: BaseException | None) -> None:
-            m.handled.labels(*labels, _final_code(context, err)).inc()
-            m.handling_seconds.labels(*labels).observe(time.perf_counter() - start)
+    def __init__(self, m: _GrpcServerMetrics, labels: tuple[str, str, str], handler: Any) -> None:
+        self._labels = labels
+        self._handled = m.handled
+        self._by_code: dict[str, Any] = {}
+        self.started = m.started.labels(*labels)
+        self.seconds = m.handling_seconds.labels(*labels)
+        # Message counters exist only for the streaming side(s) of a method, as when
+        # preregistered: a unary method has no msg_received series at all.
+        self.received = m.msg_received.labels(*labels) if handler.request_streaming else None
+        self.sent = m.msg_sent.labels(*labels) if handler.response_streaming else None
 
-        def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Any:
-                m.started.labels(*labels).inc()
-                start = time.perf_counter()
-                if handler.request_streaming:
-                    request = wrap_requests(request)
-                err: BaseException | None = None
-                try:
-                    return behavior(request, context)
-                except BaseException as e:
-                    err = e
-                    raise
-                finally:
-                    finish(start, context, err)
-
-            return call
-
-        def stream_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                m.started.labels(*labels).inc()
-                start = time.perf_counter()
-                if handler.request_streaming:
-                    request = wrap_requests(request)
-                err: BaseException | None = None
-                try:
-                    for response in behavior(request, context):
-                        m.msg_sent.labels(*labels).inc()
-                        yield response
-                except BaseException as e:  # GeneratorExit too: the client went away
-                    err = e
-                    raise
-                finally:
-                    finish(start, context, err)
-
-            return call
-
-        des, ser = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                unary_response(handler.unary_unary), des, ser
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                unary_response(handler.stream_unary), des, ser
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                stream_response(handler.unary_stream), des, ser
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                stream_response(handler.stream_stream), des, ser
-            )
-        return handler
+    def finish(self, start: float, context: Any, err: BaseException | None) -> None:
+        if isinstance(err, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED.name
+        else:
+            code = _final_code(context, err)
+        handled = self._by_code.get(code)
+        if handled is None:
+            handled = self._by_code[code] = self._handled.labels(*self._labels, code)
+        handled.inc()
+        self.seconds.observe(time.perf_counter() - start)
 
 
 class _AioMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """:class:`_MetricsInterceptor` for a ``grpc.aio`` server: the same metrics and labels.
+    """Counts, times and classifies every RPC of a ``grpc.aio`` server (go-grpc-prometheus
+    names and labels).
 
     aio handlers are coroutines (unary responses, or streams written with ``context.write``)
-    or async generators (streamed responses); request streams are async iterators.
+    or async generators (streamed responses); request streams are async iterators. A method's
+    wrapped handler is built once and reused for as long as the server hands out the same
+    handler for it, so a call pays for its counters, not for building closures.
     """
 
     def __init__(self, metrics: _GrpcServerMetrics) -> None:
         self._m = metrics
+        # method name -> (the server's handler, its wrapped form)
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     async def intercept_service(
         self,
@@ -575,36 +532,45 @@ class _AioMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return None  # type: ignore[return-value]  # the stubs say it cannot be None; it can
-        service, method = _split_method(handler_call_details.method)
-        grpc_type = _grpc_type(handler)
-        labels = (service, method, grpc_type)
-        m = self._m
+        name = handler_call_details.method
+        cached = self._wrapped.get(name)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(name, handler)
+        if len(self._wrapped) < _MAX_CACHED_METHODS:
+            self._wrapped[name] = (handler, wrapped)
+        return wrapped
 
-        async def wrap_requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    def _wrap(
+        self, full_method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        service, method = _split_method(full_method)
+        series = _MethodSeries(self._m, (service, method, _grpc_type(handler)), handler)
+        received = series.received
+        started = series.started
+        finish = series.finish
+
+        async def count_requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            assert received is not None
+            inc = received.inc
             async for request in requests:
-                m.msg_received.labels(*labels).inc()
+                inc()
                 yield request
-
-        def finish(start: float, context: Any, err: BaseException | None) -> None:
-            if isinstance(err, asyncio.CancelledError):
-                code = grpc.StatusCode.CANCELLED.name
-            else:
-                code = _final_code(context, err)
-            m.handled.labels(*labels, code).inc()
-            m.handling_seconds.labels(*labels).observe(time.perf_counter() - start)
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if inspect.isasyncgenfunction(behavior):
 
                 async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                    m.started.labels(*labels).inc()
+                    assert series.sent is not None
+                    sent = series.sent.inc
+                    started.inc()
                     start = time.perf_counter()
-                    if handler.request_streaming:
-                        request = wrap_requests(request)
+                    if received is not None:
+                        request = count_requests(request)
                     err: BaseException | None = None
                     try:
                         async for response in behavior(request, context):
-                            m.msg_sent.labels(*labels).inc()
+                            sent()
                             yield response
                     except BaseException as e:  # GeneratorExit too: the client went away
                         err = e
@@ -614,19 +580,31 @@ class _AioMetricsInterceptor(grpc.aio.ServerInterceptor):
 
                 return stream
 
+            if received is not None:
+
+                async def unary_with_requests(request: Any, context: Any) -> Any:
+                    started.inc()
+                    start = time.perf_counter()
+                    try:
+                        response = await behavior(count_requests(request), context)
+                    except BaseException as e:
+                        finish(start, context, e)
+                        raise
+                    finish(start, context, None)
+                    return response
+
+                return unary_with_requests
+
             async def unary(request: Any, context: Any) -> Any:
-                m.started.labels(*labels).inc()
+                started.inc()
                 start = time.perf_counter()
-                if handler.request_streaming:
-                    request = wrap_requests(request)
-                err: BaseException | None = None
                 try:
-                    return await behavior(request, context)
+                    response = await behavior(request, context)
                 except BaseException as e:
-                    err = e
+                    finish(start, context, e)
                     raise
-                finally:
-                    finish(start, context, err)
+                finish(start, context, None)
+                return response
 
             return unary
 
@@ -783,12 +761,9 @@ class TagStoreMetrics:
             if self._stop.wait(self._interval_s):
                 return
 
-    def server_interceptor(self) -> grpc.ServerInterceptor:
-        """The interceptor that records ``grpc_server_*`` metrics; pass it to ``grpc.server``."""
-        return _MetricsInterceptor(self._grpc)
-
     def aio_server_interceptor(self) -> grpc.aio.ServerInterceptor:
-        """The same interceptor for ``grpc.aio.server`` (what hostd serves with)."""
+        """The interceptor that records ``grpc_server_*`` metrics; pass it to
+        ``grpc.aio.server`` (what hostd serves with)."""
         return _AioMetricsInterceptor(self._grpc)
 
     def preregister_grpc_service(self, service: Any) -> None:

@@ -190,6 +190,36 @@ def test_a_vm_token_works_for_its_own_vm(anon: Stub, two_vms: tuple[pb.Vm, pb.Vm
     assert 3 == len(list(anon.StreamGuestFaults(iter(faults), metadata=token)))
 
 
+def test_a_token_revoked_while_its_stream_is_open_refuses_the_next_message(
+    stub: Stub, anon: Stub
+) -> None:
+    """A fault stream opened with a VM's token, then the VM destroyed and created again under
+    the same id (with a new token): the stream's next fault is UNAUTHENTICATED and the new VM
+    keeps its pages unmapped."""
+    old = _create(stub, "tb-revoked")
+    fault = pb.GuestFaultRequest(vm_id=old.vm_id, gpa=BOOT_RAM_GPA, length=PAGE, access=2)
+    fresh = pb.GuestFaultRequest(vm_id=old.vm_id, gpa=BOOT_RAM_GPA + PAGE, length=PAGE, access=2)
+    replaced = threading.Event()
+
+    def faults() -> Iterator[pb.GuestFaultRequest]:
+        yield fault
+        replaced.wait(10)
+        yield fault
+        yield fresh
+
+    stream = anon.StreamGuestFaults(faults(), metadata=bearer(old.vm_token), timeout=30)
+    assert 0 == next(stream).newly_mapped_pages
+    stub.DestroyVm(pb.DestroyVmRequest(vm_id=old.vm_id))
+    new = _create(stub, old.vm_id)
+    assert new.vm_token != old.vm_token
+    mapped = stub.GetVm(pb.GetVmRequest(vm_id=new.vm_id)).mapped_bytes
+    replaced.set()
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream)
+    assert grpc.StatusCode.UNAUTHENTICATED == caught.value.code()
+    assert mapped == stub.GetVm(pb.GetVmRequest(vm_id=new.vm_id)).mapped_bytes
+
+
 def test_calls_without_a_valid_token_are_unauthenticated(
     stub: Stub, anon: Stub, two_vms: tuple[pb.Vm, pb.Vm]
 ) -> None:

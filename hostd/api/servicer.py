@@ -6,9 +6,10 @@ coroutine, not a thread. The :class:`~hostd.model.Host` has one owner, ``lock`` 
 :meth:`TagStorageServicer._call`, which calls the model under it, in one of two places:
 
 - inline on the event loop, when the call is cheap (faults and tag copies of at most
-  :data:`INLINE_MAX_BYTES` without a journal to fsync), nothing is queued for the model thread
-  and the lock is free *now* (``acquire(blocking=False)``): the hot fault path pays no thread
-  hand-off, and the loop never waits for the lock;
+  :data:`INLINE_MAX_BYTES` without a journal to fsync, and faults on pages already mapped, which
+  change nothing and are not journaled), nothing is queued for the model thread and the lock is
+  free *now* (``acquire(blocking=False)``): the hot fault path pays no thread hand-off, and the
+  loop never waits for the lock;
 - otherwise on the single model thread (:data:`MODEL_THREAD`), which waits for the lock. Calls
   there run in arrival order; expensive host-scoped calls (CheckInvariants, ExportState) also
   run one at a time.
@@ -58,7 +59,7 @@ from hostd.model import Host, export
 from hostd.model.errors import StateUnavailableError, TagStoreError
 from hostd.model.events import EVENT_FAULT, Event
 from hostd.model.migration import MigrationRole, MigrationStatus
-from hostd.model.types import TagCopyDirection
+from hostd.model.types import Access, FaultResult, TagCopyDirection
 from tagstore.v1 import tagstore_pb2 as pb
 from tagstore.v1 import tagstore_pb2_grpc as pb_grpc
 
@@ -332,7 +333,11 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         method: Callable[..., Any],
         args: tuple[object, ...],
     ) -> None:
-        principal = self._principal(context)
+        self._authorize_principal(self._principal(context), method, args)
+
+    def _authorize_principal(
+        self, principal: Principal, method: Callable[..., Any], args: tuple[object, ...]
+    ) -> None:
         what = method.__name__
         if principal.revoked:
             # A destroyed VM's token may only repeat one of its remembered calls (its DestroyVm
@@ -363,9 +368,10 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         *args: object,
         on_success: Callable[[T], None] | None = None,
         before: Callable[[], None] | None = None,
+        principal: Principal | None = None,
     ) -> T:
-        """Authorize, then call a model method under the lock, journaled ahead if it may
-        change state.
+        """Authorize (as ``principal``, else as the call's credential), then call a model
+        method under the lock, journaled ahead if it may change state.
 
         A retry of a remembered ``request_id`` gets the first answer and runs nothing (but
         ``on_success`` again: a retried CreateVm gets a fresh token, the one lost with the first
@@ -373,12 +379,15 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         recorded is refused having changed nothing), and is as durable as configured before the
         reply; ``on_success`` (which persists credentials) runs before the reply too.
         """
-        self._authorize(context, method, args)
-        deadline = _deadline(context)
-        if _expired(deadline) or context.cancelled():
+        if principal is None:
+            principal = self._principal(context)
+        self._authorize_principal(principal, method, args)
+        remaining = context.time_remaining()
+        if (remaining is not None and remaining <= 0) or context.cancelled():
             raise _CallerGone
         request_id = _request_id.get()
         if method in EXPENSIVE:
+            deadline = _deadline(remaining)
             # One at a time: a burst of checks queues here, on the loop, where a caller that
             # gives up costs nothing (its coroutine is cancelled). They read a copy-on-write
             # image of the host (hostd.cow): the lock is held only for the fork, so neither the
@@ -395,7 +404,7 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
                 self.lock.release()
         else:
             result, token = await self._on_model_thread(
-                context, deadline, method, args, on_success, request_id, before
+                context, _deadline(remaining), method, args, on_success, request_id, before
             )
         if token is not None and self._journal is not None and self._journal.syncs:
             # Outside the lock: concurrent calls share one fsync (group commit).
@@ -563,20 +572,61 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         )
         return pb.DestroyVmResponse(vm=convert.vm_to_proto(final))
 
+    def _fault_now(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        principal: Principal,
+        args: tuple[str, int, int, Access],
+    ) -> FaultResult | None:
+        """The fault path of :meth:`_call`, answered on the loop when nothing is queued for
+        the model thread and the lock is free now. A fault on pages already mapped (vCPUs
+        racing on a page) without a request_id changes nothing: one look at the pages answers
+        it, with no journal record (the store would write none either; its count in the fault
+        counters is lost on a crash). Other cheap faults run here as :meth:`_call` would run
+        them. None: the fault must wait for the model thread (:meth:`_call` takes it there,
+        authorizing it again)."""
+        self._authorize_principal(principal, Host.guest_fault, args)
+        remaining = context.time_remaining()
+        if (remaining is not None and remaining <= 0) or context.cancelled():
+            raise _CallerGone
+        if self._queued or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            request_id = _request_id.get()
+            if not request_id:
+                present = self.host.guest_fault_if_present(*args)
+                if present is not None:
+                    return present
+            if not self._cheap(Host.guest_fault, args):
+                return None
+            result, _ = self._locked(Host.guest_fault, args, None, request_id)
+            # _cheap: no journal that fsyncs, so nothing to wait for.
+            return result
+        finally:
+            self.lock.release()
+
     async def _guest_fault(
-        self, request: pb.GuestFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: pb.GuestFaultRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        principal: Principal,
     ) -> pb.GuestFaultResponse:
-        access = convert.access_from_proto(request.access)
-        result = await self._call(
-            context, Host.guest_fault, request.vm_id, request.gpa, request.length, access
+        args = (
+            request.vm_id,
+            request.gpa,
+            request.length,
+            convert.access_from_proto(request.access),
         )
+        result = self._fault_now(context, principal, args)
+        if result is None:
+            result = await self._call(context, Host.guest_fault, *args, principal=principal)
         return convert.fault_result_to_proto(result)
 
     @_rpc(logging.DEBUG)
     async def GuestFault(
         self, request: pb.GuestFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GuestFaultResponse:
-        return await self._guest_fault(request, context)
+        return await self._guest_fault(request, context, self._principal(context))
 
     @_stream_rpc
     async def StreamGuestFaults(
@@ -584,10 +634,15 @@ class TagStorageServicer(pb_grpc.TagStorageServicer):
         request_iterator: AsyncIterator[pb.GuestFaultRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.GuestFaultResponse]:
+        # A stream's metadata is fixed when it opens: read it once. The token in it is still
+        # checked for every message (a lookup of the remembered header value), so that a
+        # token revoked while the stream is open refuses the next message.
+        metadata = context.invocation_metadata()
+        authenticate = self._credentials.authenticate
         async for request in request_iterator:
             request_id = _request_id.set(request.request_id)
             try:
-                response = await self._guest_fault(request, context)
+                response = await self._guest_fault(request, context, authenticate(metadata))
             finally:
                 _request_id.reset(request_id)
             yield response
@@ -956,8 +1011,8 @@ def _close_after(done: asyncio.Future[Any], messages: Generator[bytes, None, Non
     messages.close()
 
 
-def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-    remaining = context.time_remaining()
+def _deadline(remaining: float | None) -> float | None:
+    """The monotonic deadline of a call with ``remaining`` seconds left (``time_remaining``)."""
     return None if remaining is None else time.monotonic() + remaining
 
 

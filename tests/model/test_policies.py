@@ -95,6 +95,72 @@ def test_on_fault_fills_reserved_blocks_before_new_ones(host: Host, mte_vm: str)
     assert 1 == fault(host, mte_vm, BOOT_RAM_GPA + GiB // 16, 1, Access.WRITE).tag_blocks_reserved
 
 
+# ----------------------------------------------------------------- faults with nothing to do
+
+
+def test_a_fault_on_mapped_pages_is_answered_and_counted_as_present(
+    host: Host, mte_vm: str
+) -> None:
+    """guest_fault_if_present answers a fault on mapped pages as guest_fault would, counts it
+    'present' and changes nothing."""
+    fault(host, mte_vm, BOOT_RAM_GPA, 10, Access.READ)
+    before = snapshot(host)
+    assert FaultResult() == host.guest_fault_if_present(
+        mte_vm, BOOT_RAM_GPA, 10 * PAGE, Access.WRITE
+    )
+    assert {("READ", "mapped"): 1, ("WRITE", "present"): 1} == host.counters.faults
+    assert 1 == host.counters.fault_seconds["WRITE"].count
+    assert_unchanged(host, before)
+
+
+def test_a_fault_with_work_to_do_is_left_to_guest_fault(host: Host, mte_vm: str) -> None:
+    """A range with an unmapped page, or a TAG access to untagged ON_TAG_ACCESS pages: None,
+    nothing done or counted."""
+    fault(host, mte_vm, BOOT_RAM_GPA, 10, Access.READ)
+    host.create_vm(mte_config("ota", TagPolicy.ON_TAG_ACCESS, boot_memory_bytes=MiB))
+    fault(host, "ota", BOOT_RAM_GPA, 1, Access.READ)
+    counted = dict(host.counters.faults)
+    before = snapshot(host)
+    assert None is host.guest_fault_if_present(mte_vm, BOOT_RAM_GPA, 11 * PAGE, Access.WRITE)
+    assert None is host.guest_fault_if_present("ota", BOOT_RAM_GPA, PAGE, Access.TAG)
+    assert counted == host.counters.faults
+    assert_unchanged(host, before)
+    assert 1 == fault(host, mte_vm, BOOT_RAM_GPA, 11, Access.WRITE).newly_mapped_pages
+    fault(host, "ota", BOOT_RAM_GPA, 1, Access.TAG)
+    assert [TG_TAGGED] == flags_of(host, "ota", BOOT_RAM_GPA, 1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("vm_id", "gpa", "length", "access", "error"),
+    [
+        ("nope", BOOT_RAM_GPA, PAGE, Access.READ, NotFoundError),
+        ("mte", BOOT_RAM_GPA + 1, PAGE, Access.READ, InvalidArgumentError),
+        ("mte", BOOT_RAM_GPA, 0, Access.READ, InvalidArgumentError),
+        ("mte", BOOT_RAM_GPA, 2 * GiB, Access.READ, InvalidArgumentError),
+        ("plain", BOOT_RAM_GPA, PAGE, Access.TAG, FailedPreconditionError),
+    ],
+)
+def test_a_fault_that_would_be_refused_is_left_to_guest_fault(
+    host: Host,
+    mte_vm: str,
+    vm_id: str,
+    gpa: int,
+    length: int,
+    access: Access,
+    error: type[Exception],
+) -> None:
+    """Arguments guest_fault refuses, even over mapped pages: None, nothing counted, and
+    guest_fault gives the refusal."""
+    host.create_vm(VmConfig("plain", False, boot_memory_bytes=256 * MiB))
+    for vm in (mte_vm, "plain"):
+        host.guest_fault(vm, BOOT_RAM_GPA, 256 * MiB, Access.WRITE)
+    counted = dict(host.counters.faults)
+    assert None is host.guest_fault_if_present(vm_id, gpa, length, access)
+    assert counted == host.counters.faults
+    with pytest.raises(error):
+        host.guest_fault(vm_id, gpa, length, access)
+
+
 # ----------------------------------------------------------------- EAGER
 
 
