@@ -206,6 +206,7 @@ class PhysicalMemory:
         placement: Placement,
         counters: HostCounters,
         emit: Callable[[Event], None],
+        listened: Callable[[], bool] = lambda: True,
     ) -> None:
         self.topology = topology
         self.placement = placement
@@ -213,6 +214,8 @@ class PhysicalMemory:
         self.page_size = topology.page_size_bytes
         self.counters = counters
         self._emit = emit
+        # Whether anyone receives events: a hot path builds its event only then.
+        self._listened = listened
         # Called with (owner slot, gfn offsets, new page indices) when guest pages move.
         self.on_remap: Callable[[int, IndexArray, IndexArray], None] = lambda *_: None
         # Per owner slot: where its untagged pages may live (POOL_*), and whether its memory is
@@ -824,6 +827,10 @@ class PhysicalMemory:
             excl = excluded.get(reg.index)
             fresh = self._fresh_blocks_at_hint(reg, remaining, excl)
             if fresh is not None:
+                if not chosen and fresh.size * reg.span_pages >= need:
+                    # The bump allocation alone: its blocks are one run of wholly free pages.
+                    first = reg.data.start + int(fresh[0]) * reg.span_pages
+                    return np.arange(first, first + need, dtype=np.int64)
                 chosen.append((reg, fresh))
                 remaining -= fresh.size * reg.span_pages
                 continue
@@ -1023,6 +1030,7 @@ class PhysicalMemory:
             self._emit(Event(EVENT_EVACUATION, region=reg.name, count=evacuated))
         if nr_ok:
             c.reservation_seconds.observe(time.perf_counter() - t0)
+        if nr_ok and self._listened():
             self._emit(
                 Event(
                     EVENT_TAG_BLOCKS_RESERVED,
