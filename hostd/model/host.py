@@ -137,7 +137,9 @@ class Host(HostMigration, HostPageMigration):
         self.topology = topology
         self.counters = HostCounters()
         self._subscribers: list[Subscriber] = []
-        self.mem = PhysicalMemory(topology, placement, self.counters, self._emit)
+        self.mem = PhysicalMemory(
+            topology, placement, self.counters, self._emit, lambda: bool(self._subscribers)
+        )
         self.mem.on_remap = self._remap
         self._vms: dict[str, Vm] = {}
         self._by_slot: dict[int, Vm] = {}
