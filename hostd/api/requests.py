@@ -87,7 +87,10 @@ WALL_CLOCK_ARG: dict[str, int] = {
 def fingerprint(method: str, args: tuple[object, ...]) -> str:
     """A digest of a call: the method and its arguments (model values with stable reprs; bytes,
     such as a migration chunk's 2 MiB of tags, are hashed as they are instead of through their
-    repr, which costs ten times as much), without the time of arrival (``WALL_CLOCK_ARG``)."""
+    repr, which costs ten times as much), without the time of arrival (``WALL_CLOCK_ARG``).
+
+    Bytes are hashed with SHA-256, which CPUs with the SHA extensions (x86 SHA-NI, Armv8 SHA2)
+    run about three times as fast as BLAKE2b: a migration hashes every chunk it receives."""
     clock = WALL_CLOCK_ARG.get(method)
     if clock is not None and len(args) > clock:
         args = (*args[:clock], *args[clock + 1 :])
@@ -96,7 +99,7 @@ def fingerprint(method: str, args: tuple[object, ...]) -> str:
 
 def _digestible(value: object) -> object:
     if isinstance(value, bytes):
-        return ("bytes", hashlib.blake2b(value, digest_size=16).hexdigest())
+        return ("sha256", hashlib.sha256(value).hexdigest())
     if isinstance(value, tuple):
         return tuple(_digestible(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
