@@ -58,8 +58,9 @@ class TagContents:
         pos = np.minimum(np.searchsorted(self._pages, pages), self._pages.size - 1)
         return pos, self._pages[pos] == pages
 
-    def rows_at(self, positions: IndexArray) -> npt.NDArray[np.uint8]:
-        """The stored tag rows at ``positions`` (from :meth:`locate`, where it found a page)."""
+    def rows_at(self, positions: IndexArray | slice) -> npt.NDArray[np.uint8]:
+        """The stored tag rows at ``positions`` (from :meth:`locate`, where it found a page; a
+        slice reads a run of rows without a gather)."""
         return self._tags[positions]
 
     def write(self, pages: IndexArray, tags: npt.NDArray[np.uint8]) -> None:
