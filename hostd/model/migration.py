@@ -333,6 +333,7 @@ class HostMigration:
         def _untagged_pool(config: VmConfig) -> int: ...
         def create_vm(self, config: VmConfig) -> VmStatus: ...
         def destroy_vm(self, vm_id: str) -> VmStatus: ...
+        def _release_vm(self, vm: Vm) -> None: ...
 
     # ------------------------------------------------------------- hooks Host calls
 
@@ -646,8 +647,9 @@ class HostMigration:
         ``now`` (if given) ends the migration's duration."""
         m = self._migration(vm_id, migration_id)
         self._require_phase(m, MigrationPhase.HANDOVER)
-        report = self._complete(m, self._vm(vm_id), MigrationRole.OUTGOING, now)
-        self.destroy_vm(vm_id)
+        vm = self._vm(vm_id)
+        report = self._complete(m, vm, MigrationRole.OUTGOING, now)
+        self._release_vm(vm)
         return report
 
     # ------------------------------------------------------------- destination
