@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostd.model.errors import InvalidArgumentError
+from hostd.model.migration import TagChunk
 
 # Remembered ids. A VMM retries within seconds to minutes; at the fault rates of a busy host
 # (thousands a second, but faults rarely carry ids) this still covers minutes of calls.
@@ -98,6 +99,12 @@ def fingerprint(method: str, args: tuple[object, ...]) -> str:
 
 
 def _digestible(value: object) -> object:
+    if isinstance(value, TagChunk):
+        # A migration chunk carries a CRC-32 of all its other fields, and the model applies
+        # (and so remembers) only a chunk whose bytes match it: its header, checksum and size
+        # name it, with no pass over its megabytes of tags. A chunk reusing a remembered id
+        # with other content would have to match all three to pass for the first.
+        return ("TagChunk", value.header(), value.checksum, value.wire_bytes)
     if isinstance(value, bytes):
         return ("sha256", hashlib.sha256(value).hexdigest())
     if isinstance(value, tuple):
