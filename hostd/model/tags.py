@@ -95,6 +95,13 @@ class TagContents:
             self._pages = self._pages[~drop]
             self._tags = self._tags[~drop]
 
+    def discard_stored(self, drop: npt.NDArray[np.bool_]) -> None:
+        """Forget the tags of the stored pages where ``drop`` (one entry per :attr:`pages`) is
+        set: one pass over the store, whatever the number of pages."""
+        if drop.any():
+            self._pages = self._pages[~drop]
+            self._tags = self._tags[~drop]
+
     def move(self, src: IndexArray, dst: IndexArray) -> None:
         """Tags of ``src[i]`` become the tags of ``dst[i]``; ``src`` pages read as zero after.
 
