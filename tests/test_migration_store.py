@@ -4,6 +4,7 @@ sides, and the replayed hosts carry on (hostd.store with hostd.model.migration).
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from hostd.model import (
     VmConfig,
     default_topology,
 )
-from hostd.model.migration import MigrationPhase
+from hostd.model.migration import MigrationPhase, TagChunk
 from hostd.store import Store
 
 TOPOLOGY = default_topology(1 * GiB)
@@ -96,3 +97,22 @@ def test_a_retried_migration_step_matches_its_first_call_whatever_the_time() -> 
     for method, position in WALL_CLOCK_ARG.items():
         parameters = list(inspect.signature(getattr(Host, method)).parameters)
         assert "now" == parameters[position + 1], method  # after self
+
+
+def test_a_retried_chunk_matches_its_first_call_and_another_chunk_under_its_id_is_refused() -> None:
+    """A chunk is named by its header and checksum: the same chunk sent again finds the first
+    answer; another chunk (other tags, so another checksum; or another seq) under the same
+    request_id is refused REQUEST_ID_REUSED."""
+
+    def chunk(seq: int, tags: bytes) -> TagChunk:
+        c = TagChunk(seq, 1, 0, 1, b"\x80", b"\x80", b"\x80", b"\x80", tags, 0)
+        return replace(c, checksum=c.compute_checksum())
+
+    first = chunk(0, bytes(range(128)))
+    window = RequestWindow()
+    window.remember("r1", "write_migration_chunk", ("vm", "m", first, 100.0), "answer")
+    again = chunk(0, bytes(range(128)))
+    assert "answer" == window.lookup("r1", "write_migration_chunk", ("vm", "m", again, 101.0))
+    for other in (chunk(0, bytes(range(1, 129))), chunk(1, bytes(range(128)))):
+        with pytest.raises(InvalidArgumentError, match="first used for another call"):
+            window.lookup("r1", "write_migration_chunk", ("vm", "m", other, 101.0))

@@ -331,14 +331,16 @@ def migrate(
             while (chunk := pending.result()) is not None:
                 pending = reader.submit(src.read_migration_chunk, vm_id, mid)
                 try:
-                    dst.write_migration_chunk(vm_id, mid, chunk)
+                    applied = dst.write_migration_chunk(vm_id, mid, chunk)
                 except BaseException:
                     # Let the read in flight finish before the caller aborts both sides.
                     with contextlib.suppress(Exception):
                         pending.result()
                     raise
-                state["wire"] += _chunk_wire_bytes(chunk)
-                state["tags"] += len(chunk.tags)
+                # The destination counts what it received: reading a protobuf bytes field
+                # copies it, and a chunk carries up to 2 MiB of tags.
+                state["wire"] = applied.wire_bytes
+                state["tags"] = applied.tag_bytes
                 state["chunks"] += 1
                 if state["chunks"] % 16 == 0:
                     report("precopy" if state.get("paused", 0) == 0 else "paused")
@@ -393,12 +395,6 @@ def migrate(
     report("completed")
     # The source counted every round (the destination only those that sent it chunks).
     return replace(src_result, vm_token=committed.vm_token)
-
-
-def _chunk_wire_bytes(chunk: Any) -> int:
-    return 36 + sum(
-        len(getattr(chunk, f)) for f in ("present", "mapped", "tagged", "nonzero", "tags")
-    )
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostd.model.errors import InvalidArgumentError
+from hostd.model.migration import TagChunk
 
 # Remembered ids. A VMM retries within seconds to minutes; at the fault rates of a busy host
 # (thousands a second, but faults rarely carry ids) this still covers minutes of calls.
@@ -87,7 +88,10 @@ WALL_CLOCK_ARG: dict[str, int] = {
 def fingerprint(method: str, args: tuple[object, ...]) -> str:
     """A digest of a call: the method and its arguments (model values with stable reprs; bytes,
     such as a migration chunk's 2 MiB of tags, are hashed as they are instead of through their
-    repr, which costs ten times as much), without the time of arrival (``WALL_CLOCK_ARG``)."""
+    repr, which costs ten times as much), without the time of arrival (``WALL_CLOCK_ARG``).
+
+    Bytes are hashed with SHA-256, which CPUs with the SHA extensions (x86 SHA-NI, Armv8 SHA2)
+    run about three times as fast as BLAKE2b: a migration hashes every chunk it receives."""
     clock = WALL_CLOCK_ARG.get(method)
     if clock is not None and len(args) > clock:
         args = (*args[:clock], *args[clock + 1 :])
@@ -95,8 +99,14 @@ def fingerprint(method: str, args: tuple[object, ...]) -> str:
 
 
 def _digestible(value: object) -> object:
+    if isinstance(value, TagChunk):
+        # A migration chunk carries a CRC-32 of all its other fields, and the model applies
+        # (and so remembers) only a chunk whose bytes match it: its header, checksum and size
+        # name it, with no pass over its megabytes of tags. A chunk reusing a remembered id
+        # with other content would have to match all three to pass for the first.
+        return ("TagChunk", value.header(), value.checksum, value.wire_bytes)
     if isinstance(value, bytes):
-        return ("bytes", hashlib.blake2b(value, digest_size=16).hexdigest())
+        return ("sha256", hashlib.sha256(value).hexdigest())
     if isinstance(value, tuple):
         return tuple(_digestible(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

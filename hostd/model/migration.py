@@ -57,7 +57,7 @@ from hostd.model.errors import (
     TagStoreError,
 )
 from hostd.model.events import EVENT_MIGRATION_PHASE, Event
-from hostd.model.physmem import TG_FREE, TG_TAGGED
+from hostd.model.physmem import TG_FREE, TG_TAGGED, as_slice
 from hostd.model.types import (
     BOOT_RAM_GPA,
     MTE_GRANULE_BYTES,
@@ -333,6 +333,7 @@ class HostMigration:
         def _untagged_pool(config: VmConfig) -> int: ...
         def create_vm(self, config: VmConfig) -> VmStatus: ...
         def destroy_vm(self, vm_id: str) -> VmStatus: ...
+        def _release_vm(self, vm: Vm) -> None: ...
 
     # ------------------------------------------------------------- hooks Host calls
 
@@ -527,39 +528,47 @@ class HostMigration:
         offs = m.round_offs[m.cursor : m.cursor + CHUNK_MAX_PAGES]
         # Bound the window too, so that the present bitmap stays small on sparse rounds.
         offs = offs[: np.searchsorted(offs, offs[0] + 8 * CHUNK_MAX_PAGES)]
-        s2 = vm.stage2[offs].astype(np.int64)
+        first = int(offs[0])
+        # A round's offsets rise, so a window they fill is one run (all of a round 1 whose
+        # guest is mapped throughout): read it as a slice, with no gather.
+        run = int(offs[-1]) - first + 1 == offs.size
+        s2 = (vm.stage2[first : first + offs.size] if run else vm.stage2[offs]).astype(np.int64)
         is_mapped = s2 != 0
         is_tagged = np.zeros(offs.size, dtype=bool)
         is_tagged[is_mapped] = mem.flags[s2[is_mapped] - 1] == TG_TAGGED
+        tagged_idx = np.flatnonzero(is_tagged)
         # Only tagged pages can have tags to send: stop looking where the tagged pages alone
         # could fill the chunk four times over, so that a densely tagged window does not search
         # the tag store for pages that the byte bound then cuts off (a chunk of a window whose
         # tagged pages are mostly all-zero just ends sooner).
-        tagged_cum = np.cumsum(is_tagged)
         enough = 4 * CHUNK_MAX_TAG_BYTES // packed_per_page
-        if int(tagged_cum[-1]) > enough:
-            end = max(1, int(np.searchsorted(tagged_cum, enough, side="right")))
+        if tagged_idx.size > enough:
+            end = int(tagged_idx[enough])
             offs, s2, is_mapped, is_tagged = offs[:end], s2[:end], is_mapped[:end], is_tagged[:end]
+            tagged_idx = tagged_idx[:enough]
         # The tag store keeps only pages with a non-zero tag: which pages those are is a
         # lookup, and the same lookup finds their rows.
-        tagged_idx = np.flatnonzero(is_tagged)
         pos, stored = mem.tags.locate(s2[tagged_idx] - 1)
-        nonzero_all = np.zeros(offs.size, dtype=bool)
-        nonzero_all[tagged_idx[stored]] = True
-        # Cut where the packed tags would exceed the chunk's byte bound (at least one page).
-        tag_bytes_cum = np.cumsum(nonzero_all) * packed_per_page
-        cut = max(1, int(np.searchsorted(tag_bytes_cum, CHUNK_MAX_TAG_BYTES, side="right")))
-        if cut < offs.size:
+        # Cut before the page whose packed tags would exceed the chunk's byte bound (a chunk
+        # has at least one page).
+        nonzero_idx = tagged_idx[stored]
+        max_rows = CHUNK_MAX_TAG_BYTES // packed_per_page
+        if nonzero_idx.size > max_rows:
+            cut = max(1, int(nonzero_idx[max_rows]))
             offs, is_mapped, is_tagged = offs[:cut], is_mapped[:cut], is_tagged[:cut]
-            nonzero_all, s2 = nonzero_all[:cut], s2[:cut]
             keep = tagged_idx < cut
             pos, stored = pos[keep], stored[keep]
+            nonzero_idx = nonzero_idx[nonzero_idx < cut]
+        nonzero_all = np.zeros(offs.size, dtype=bool)
+        nonzero_all[nonzero_idx] = True
         nonzero_t = nonzero_all[is_tagged]
-        rows = mem.tags.rows_at(pos[stored])
-        first = int(offs[0])
+        rows = mem.tags.rows_at(as_slice(pos[stored]))
         span = int(offs[-1]) - first + 1
-        present = np.zeros(span, dtype=bool)
-        present[offs - first] = True
+        if run:
+            present = np.ones(span, dtype=bool)
+        else:
+            present = np.zeros(span, dtype=bool)
+            present[offs - first] = True
         chunk = TagChunk(
             seq=m.chunks,
             round=m.round,
@@ -638,8 +647,9 @@ class HostMigration:
         ``now`` (if given) ends the migration's duration."""
         m = self._migration(vm_id, migration_id)
         self._require_phase(m, MigrationPhase.HANDOVER)
-        report = self._complete(m, self._vm(vm_id), MigrationRole.OUTGOING, now)
-        self.destroy_vm(vm_id)
+        vm = self._vm(vm_id)
+        report = self._complete(m, vm, MigrationRole.OUTGOING, now)
+        self._release_vm(vm)
         return report
 
     # ------------------------------------------------------------- destination
@@ -921,25 +931,28 @@ class HostMigration:
         if m.staged_offs:
             offs = np.concatenate(m.staged_offs)
             nonzero = np.concatenate(m.staged_nonzero)
-            rows = np.concatenate(m.staged_rows)
-            row_of = np.cumsum(nonzero) - 1
             # The latest state of a page wins: the last occurrence of each offset (pages dropped
             # or untagged later are not tagged now); pages whose last state is all-zero tags
-            # need no write (fresh tagged pages read as zero).
-            last = np.ones(offs.size, dtype=bool)
-            if len(m.staged_offs) > 1:
+            # need no write (fresh tagged pages read as zero). Offsets that only ever rise (one
+            # round of chunks, in order: the usual case) occur once each, with no sort.
+            if offs.size > 1 and not bool((offs[1:] > offs[:-1]).all()):
                 order = np.argsort(offs, kind="stable")
                 later = np.zeros(offs.size, dtype=bool)
                 later[order[:-1]] = offs[order[1:]] == offs[order[:-1]]
-                last = ~later
-            pick = last & nonzero
+                pick = ~later & nonzero
+            else:
+                pick = nonzero
             s2 = vm.stage2[offs[pick]].astype(np.int64)
             still = s2 != 0
             pages = s2[still] - 1
             is_tagged = self.mem.flags[pages] == TG_TAGGED
-            used = row_of[pick][still][is_tagged]
-            # One round of tags and no page dropped (the usual case): every row, in order.
-            chosen = rows if used.size == rows.shape[0] else rows[used]
+            used = (np.cumsum(nonzero) - 1)[pick][still][is_tagged]
+            nr_rows = sum(r.shape[0] for r in m.staged_rows)
+            # Every staged row, in order (the usual case): the blocks go to the tag store as
+            # they are, copied once there; else the rows still wanted are picked out.
+            chosen = (
+                m.staged_rows if used.size == nr_rows else [np.concatenate(m.staged_rows)[used]]
+            )
             self.mem.tags.write_nonzero(pages[is_tagged], chosen)
         m.staged_offs, m.staged_nonzero, m.staged_rows = [], [], []
         return self._complete(m, vm, MigrationRole.INCOMING, now)

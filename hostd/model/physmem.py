@@ -310,6 +310,15 @@ class PhysicalMemory:
             # Nearly every call stays in one segment: no per-page segment lookup.
             yield self.segments[first], slice(None)
             return
+        if bool((idx[1:] >= idx[:-1]).all()):
+            # Sorted (a large allocation, or a VM's pages freed in guest order, as they were
+            # allocated): each segment's entries are one run, found by a search per boundary.
+            last = int(np.searchsorted(self._seg_starts, hi, side="right")) - 1
+            cuts = np.searchsorted(idx, self._seg_starts[first + 1 : last + 1]).tolist()
+            for k, (a, b) in enumerate(zip([0, *cuts], [*cuts, idx.size], strict=True), first):
+                if a < b:
+                    yield self.segments[k], slice(a, b)
+            return
         seg = self.segment_of(idx)
         for s in np.flatnonzero(np.bincount(seg, minlength=len(self.segments))):
             yield self.segments[int(s)], seg == s

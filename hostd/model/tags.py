@@ -9,6 +9,8 @@ hardware.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -56,8 +58,9 @@ class TagContents:
         pos = np.minimum(np.searchsorted(self._pages, pages), self._pages.size - 1)
         return pos, self._pages[pos] == pages
 
-    def rows_at(self, positions: IndexArray) -> npt.NDArray[np.uint8]:
-        """The stored tag rows at ``positions`` (from :meth:`locate`, where it found a page)."""
+    def rows_at(self, positions: IndexArray | slice) -> npt.NDArray[np.uint8]:
+        """The stored tag rows at ``positions`` (from :meth:`locate`, where it found a page; a
+        slice reads a run of rows without a gather)."""
         return self._tags[positions]
 
     def write(self, pages: IndexArray, tags: npt.NDArray[np.uint8]) -> None:
@@ -68,12 +71,13 @@ class TagContents:
             return
         self._insert(pages[keep], tags[keep])
 
-    def write_nonzero(self, pages: IndexArray, tags: npt.NDArray[np.uint8]) -> None:
-        """:meth:`write` for rows the caller knows are not all zero (a migration commit):
-        skips the scan for all-zero rows."""
+    def write_nonzero(self, pages: IndexArray, blocks: Sequence[npt.NDArray[np.uint8]]) -> None:
+        """:meth:`write` for rows the caller knows are not all zero (a migration commit), given
+        as blocks of rows that follow one another (one per chunk): skips the scan for all-zero
+        rows, and the rows are copied once, into the store, not joined first."""
         self.discard(pages)
         if pages.size:
-            self._insert(pages, tags)
+            self._insert(pages, *blocks)
 
     def discard(self, pages: IndexArray) -> None:
         """Forget the tags of ``pages`` (they read as zero afterwards)."""
@@ -87,6 +91,13 @@ class TagContents:
             drop = mask[self._pages]
         else:
             drop = np.isin(self._pages, pages)
+        if drop.any():
+            self._pages = self._pages[~drop]
+            self._tags = self._tags[~drop]
+
+    def discard_stored(self, drop: npt.NDArray[np.bool_]) -> None:
+        """Forget the tags of the stored pages where ``drop`` (one entry per :attr:`pages`) is
+        set: one pass over the store, whatever the number of pages."""
         if drop.any():
             self._pages = self._pages[~drop]
             self._tags = self._tags[~drop]
@@ -107,7 +118,8 @@ class TagContents:
         self.discard(src[hit])
         self._insert(dst[hit], rows)
 
-    def _insert(self, pages: IndexArray, rows: npt.NDArray[np.uint8]) -> None:
+    def _insert(self, pages: IndexArray, *rows: npt.NDArray[np.uint8]) -> None:
+        """Store ``pages`` (not stored yet) with their rows: the ``rows`` blocks, joined."""
         pages = pages.astype(np.int64)
         if (not self._pages.size or int(pages[0]) > int(self._pages[-1])) and bool(
             (pages[1:] > pages[:-1]).all()
@@ -115,10 +127,10 @@ class TagContents:
             # Appending in order (a VMM writing a guest's tags front to back, a migration
             # commit): no sort and no gather of the whole store.
             self._pages = np.concatenate([self._pages, pages])
-            self._tags = np.concatenate([self._tags, rows])
+            self._tags = np.concatenate([self._tags, *rows])
             return
         all_pages = np.concatenate([self._pages, pages])
-        all_tags = np.concatenate([self._tags, rows])
+        all_tags = np.concatenate([self._tags, *rows])
         order = np.argsort(all_pages, kind="stable")
         self._pages = all_pages[order]
         self._tags = all_tags[order]

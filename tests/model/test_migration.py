@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from hostd.model import (
     VirtioMemResponse,
     VmConfig,
     default_topology,
+    migration,
 )
 from hostd.model.migration import (
     MigrationManifest,
@@ -561,24 +563,49 @@ def test_a_mangled_chunk_with_a_valid_checksum_is_refused_cleanly(
         assert_sound(dst)
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    steps=st.lists(
-        st.tuples(
-            st.sampled_from(["fault", "tag", "round"]),
-            st.integers(0, 63),  # MiB into boot RAM
-            st.integers(1, 4),  # MiB
-            st.integers(0, 15),  # tag value
-        ),
-        max_size=12,
+PRECOPY_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["fault", "tag", "round"]),
+        st.integers(0, 63),  # MiB into boot RAM
+        st.integers(1, 4),  # MiB
+        st.integers(0, 15),  # tag value
     ),
-    policy=st.sampled_from(list(TagPolicy)),
+    max_size=12,
 )
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=PRECOPY_STEPS, policy=st.sampled_from(list(TagPolicy)))
 def test_whatever_the_guest_does_during_precopy_the_destination_ends_up_equal(
     steps: list[tuple[str, int, int, int]], policy: TagPolicy
 ) -> None:
     """Faults and tag writes interleaved with chunks and rounds in any order: after the paused
     round and commit, the destination's view equals the source's just before handover."""
+    precopy_then_compare(steps, policy)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    steps=PRECOPY_STEPS,
+    policy=st.sampled_from(list(TagPolicy)),
+    max_pages=st.sampled_from([64, 1000]),
+    max_tag_pages=st.sampled_from([1, 5, 40]),
+)
+def test_chunks_cut_small_by_their_page_and_byte_bounds_carry_the_same_guest(
+    steps: list[tuple[str, int, int, int]], policy: TagPolicy, max_pages: int, max_tag_pages: int
+) -> None:
+    """With chunks bounded to a few pages and a few pages' packed tags, every round is cut into
+    many chunks (at the page bound, the byte bound and the window bound), and the destination
+    still ends up equal to the source."""
+    packed_per_page = 4096 // 16 // 2
+    with (
+        mock.patch.object(migration, "CHUNK_MAX_PAGES", max_pages),
+        mock.patch.object(migration, "CHUNK_MAX_TAG_BYTES", max_tag_pages * packed_per_page),
+    ):
+        precopy_then_compare(steps, policy)
+
+
+def precopy_then_compare(steps: list[tuple[str, int, int, int]], policy: TagPolicy) -> None:
     src, dst = new_host(), new_host()
     build_vm(src, "vm", True, policy)
     dst.admit_migration(src.start_migration("vm", MIG, T0, TIMEOUT), T0, TIMEOUT)
