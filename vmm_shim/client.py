@@ -926,6 +926,23 @@ class HostClient(MigrationCalls):
         return EventStream(call)
 
 
+def next_block_run(plugged: list[bool], plug: bool, want: int) -> tuple[int, int]:
+    """The run of virtio-mem blocks Linux's driver takes next, at most ``want`` long: (first
+    block, count). Plugging: from the lowest unplugged block upwards; unplugging: from the
+    highest plugged block downwards. There must be such a block."""
+    if plug:
+        first = plugged.index(False)
+        last = first
+        while last + 1 < len(plugged) and not plugged[last + 1] and last + 1 - first < want:
+            last += 1
+    else:
+        last = len(plugged) - 1 - plugged[::-1].index(True)
+        first = last
+        while first > 0 and plugged[first - 1] and last - first + 1 < want:
+            first -= 1
+    return first, last - first + 1
+
+
 class VmHandle:
     """Operations on one VM of a :class:`HostClient`, sent with the VM's token (``vm_token``)
     when it has one, else with the client's."""
@@ -1247,21 +1264,9 @@ class VmHandle:
         while nb_plugged != nb_requested and requests < max_requests:
             plug = nb_plugged < nb_requested
             want = min(abs(nb_requested - nb_plugged), DRIVE_BATCH_BLOCKS)
-            if plug:
-                # Lowest unplugged block, extended upwards while unplugged.
-                if False not in plugged:
-                    break  # nothing left to plug in the usable region
-                first = plugged.index(False)
-                last = first
-                while last + 1 < len(plugged) and not plugged[last + 1] and last + 1 - first < want:
-                    last += 1
-            else:
-                # Highest plugged block, extended downwards while plugged.
-                last = len(plugged) - 1 - plugged[::-1].index(True)
-                first = last
-                while first > 0 and plugged[first - 1] and last - first + 1 < want:
-                    first -= 1
-            count = last - first + 1
+            if plug and False not in plugged:
+                break  # nothing left to plug in the usable region
+            first, count = next_block_run(plugged, plug, want)
             addr = dev.gpa + first * dev.block_size
             kind = "PLUG" if plug else "UNPLUG"
             response = self._virtio_mem_request(device_id, kind, addr, count)[0]
@@ -1276,7 +1281,7 @@ class VmHandle:
                 continue
             if response != "ACK":
                 break
-            plugged[first : last + 1] = [plug] * count
+            plugged[first : first + count] = [plug] * count
             nb_plugged += count if plug else -count
         after = self.device(device_id)
         return DriveResult(

@@ -40,6 +40,7 @@ from vmm_shim.client import (
     Unavailable,
     VmHandle,
     VmInfo,
+    next_block_run,
 )
 from vmm_shim.qemu_qmp import DEFAULT_QMP_TIMEOUT_S, QmpClient, QmpConnectionError, QmpError
 
@@ -187,22 +188,6 @@ def _hostd_plugged_blocks(vm: VmHandle, dev: DeviceInfo) -> list[bool]:
             half = count // 2
             pending += [(first, half), (first + half, count - half)]
     return plugged
-
-
-def _next_run(plugged: list[bool], plug: bool, want: int) -> tuple[int, int]:
-    """The run Linux's driver would take next: (first block, count). Plugging: from the lowest
-    unplugged block upwards; unplugging: from the highest plugged block downwards."""
-    if plug:
-        first = plugged.index(False)
-        last = first
-        while last + 1 < len(plugged) and not plugged[last + 1] and last + 1 - first < want:
-            last += 1
-    else:
-        last = len(plugged) - 1 - plugged[::-1].index(True)
-        first = last
-        while first > 0 and plugged[first - 1] and last - first + 1 < want:
-            first -= 1
-    return first, last - first + 1
 
 
 # -- the bridge --------------------------------------------------------------------------------
@@ -453,7 +438,7 @@ class QemuBridge:
                     f"QEMU {dev.plugged_size:#x}); continuing at the next sync",
                 )
             plug = nb_plugged < target
-            first, count = _next_run(plugged, plug, min(abs(target - nb_plugged), batch))
+            first, count = next_block_run(plugged, plug, min(abs(target - nb_plugged), batch))
             addr = hd.gpa + first * hd.block_size
             if plug:
                 answer = self.vm.virtio_mem_plug(dev.device_id, addr, count)

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from vmm_shim.qemu_bridge import _next_run
+from vmm_shim.client import next_block_run
 from vmm_shim.qemu_qmp import parse_qmp_address
 
 
@@ -37,14 +37,14 @@ def test_a_malformed_qmp_address_is_a_value_error_quoting_it(address: str) -> No
 def test_plugging_takes_the_lowest_unplugged_blocks_upwards() -> None:
     """Like Linux's driver: the first unplugged block, extended while unplugged, up to ``want``."""
     plugged = [True, False, False, True, False, False, False]
-    assert (1, 2) == _next_run(plugged, True, 5)
-    assert (1, 1) == _next_run(plugged, True, 1)
-    assert (4, 3) == _next_run([True] * 4 + [False] * 3, True, 8)
+    assert (1, 2) == next_block_run(plugged, True, 5)
+    assert (1, 1) == next_block_run(plugged, True, 1)
+    assert (4, 3) == next_block_run([True] * 4 + [False] * 3, True, 8)
 
 
 def test_unplugging_takes_the_highest_plugged_blocks_downwards() -> None:
     """The last plugged block, extended downwards while plugged, up to ``want``."""
     plugged = [True, True, False, True, True, True, False]
-    assert (3, 3) == _next_run(plugged, False, 5)
-    assert (4, 2) == _next_run(plugged, False, 2)
-    assert (0, 2) == _next_run([True, True, False], False, 9)
+    assert (3, 3) == next_block_run(plugged, False, 5)
+    assert (4, 2) == next_block_run(plugged, False, 2)
+    assert (0, 2) == next_block_run([True, True, False], False, 9)
