@@ -722,12 +722,7 @@ class Store:
                 logger.warning(kv("state_discarded", state_dir=path, reason=discarded))
                 _remove_state_files(path)
         if not current_path.exists():
-            leftovers = sorted(p.name for p in path.iterdir() if _generation_of(p.name) is not None)
-            if leftovers:
-                raise StateError(
-                    f"{current_path} is missing beside {', '.join(leftovers[:3])}: the commit "
-                    f"point is lost; {_WHAT_TO_DO}"
-                )
+            _refuse_lost_commit_point(path)
             return cls._create(path, topology, placement, identity, boot_id, options, discarded)
 
         differences = _diff(
@@ -1286,6 +1281,17 @@ def _decode_request(doc: dict[str, Any]) -> RememberedRequest:
     )
 
 
+def _refuse_lost_commit_point(path: Path) -> None:
+    """With no ``CURRENT``: refuse a directory that still holds snapshots or journals (starting
+    empty over them would lose acknowledged state)."""
+    leftovers = sorted(p.name for p in path.iterdir() if _generation_of(p.name) is not None)
+    if leftovers:
+        raise StateError(
+            f"{path / 'CURRENT'} is missing beside {', '.join(leftovers[:3])}: the commit "
+            f"point is lost; {_WHAT_TO_DO}"
+        )
+
+
 def _read_current(path: Path) -> dict[str, Any]:
     current = _read_sealed_file(path, "commit point")
     if not isinstance(current, dict) or current.get("format") != FORMAT_VERSION:
@@ -1328,12 +1334,7 @@ def check_state_dir(path: Path) -> Iterator[str]:
     try:
         current_path = path / "CURRENT"
         if not current_path.exists():
-            leftovers = sorted(p.name for p in path.iterdir() if _generation_of(p.name) is not None)
-            if leftovers:
-                raise StateError(
-                    f"{current_path} is missing beside {', '.join(leftovers[:3])}: the commit "
-                    f"point is lost; {_WHAT_TO_DO}"
-                )
+            _refuse_lost_commit_point(path)
             yield f"{path}: empty (hostd serve starts a new host here)"
             return
         current = _read_current(current_path)
