@@ -144,12 +144,8 @@ def _rpc(level: int) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
             request_id = _request_id.set(getattr(request, "request_id", ""))
             try:
                 response = await handler(self, request, context)
-            except (TagStoreError, AuthError) as error:
-                await _abort_refused(context, name, error)
-            except _CallerGone:
-                await _abort_gone(context, name)
             except Exception as error:
-                await _abort_internal(context, name, error)
+                await _abort_for(context, name, error)
             finally:
                 _request_id.reset(request_id)
             # Faults run at thousands a second: build the line only if it will be written.
@@ -183,12 +179,8 @@ def _stream_rpc(
         try:
             async for response in handler(self, request, context):
                 yield response
-        except (TagStoreError, AuthError) as error:
-            await _abort_refused(context, name, error)
-        except _CallerGone:
-            await _abort_gone(context, name)
         except Exception as error:
-            await _abort_internal(context, name, error)
+            await _abort_for(context, name, error)
         finally:
             self._streams.release(client)
         logger.debug(kv("rpc", rpc=name, code="OK"))
@@ -203,6 +195,18 @@ def _ids(request: Any) -> dict[str, str]:
         if value:
             fields[key] = value[:64]
     return fields
+
+
+async def _abort_for(
+    context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: Exception
+) -> NoReturn:
+    """End a call that raised ``error`` with the status it maps to (the one place handlers'
+    exceptions become answers)."""
+    if isinstance(error, (TagStoreError, AuthError)):
+        await _abort_refused(context, rpc, error)
+    if isinstance(error, _CallerGone):
+        await _abort_gone(context, rpc)
+    await _abort_internal(context, rpc, error)
 
 
 async def _abort_refused(
