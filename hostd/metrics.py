@@ -29,7 +29,7 @@ import platform
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer, make_server
@@ -344,23 +344,34 @@ def _families(snap: _Snapshot | None, inv: _InvariantResult | None) -> list[Metr
         "Time to reserve a batch of tag blocks, evacuation of lent data included.",
     )
     reservations.add_metric([], _buckets(c.reservation_seconds), c.reservation_seconds.sum_seconds)
-    durations = HistogramMetricFamily(
+    durations = _labelled_histograms(
         "tagstore_migration_duration_seconds",
         "Live migrations ended on this host: seconds from start (source) or admission "
         "(destination) to the end, by role and outcome.",
-        labels=["role", "outcome"],
+        ["role", "outcome"],
+        c.migration_seconds,
     )
-    for key, histogram in sorted(c.migration_seconds.items()):
-        durations.add_metric(list(key), _buckets(histogram), histogram.sum_seconds)
-    phases = HistogramMetricFamily(
+    phases = _labelled_histograms(
         "tagstore_migration_phase_duration_seconds",
         "Seconds live migrations spent in each phase, by role and phase (PAUSED is the "
         "guest's downtime on the source).",
-        labels=["role", "phase"],
+        ["role", "phase"],
+        c.migration_phase_seconds,
     )
-    for key, histogram in sorted(c.migration_phase_seconds.items()):
-        phases.add_metric(list(key), _buckets(histogram), histogram.sum_seconds)
     return [*f.values(), faults, reservations, durations, phases]
+
+
+def _labelled_histograms(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    table: Mapping[tuple[str, str], LatencyHistogram],
+) -> HistogramMetricFamily:
+    """One histogram family with a series per key of the model's ``table`` (label values)."""
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for key, histogram in sorted(table.items()):
+        family.add_metric(list(key), _buckets(histogram), histogram.sum_seconds)
+    return family
 
 
 def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
